@@ -1,0 +1,170 @@
+"""Building the training, eval and optimizer models with ORT's gradient builder."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+from onnx import helper
+
+from passes.base import Plan
+from runtime.ort_training import training_submodule
+
+from .config import CompileConfig
+from .errors import GfError
+from .planning import PARAMETER_INPUTS
+
+# ORT ops whose gradient onnxruntime-training 1.19 cannot build or that our passes cannot see through.
+UNTRAINABLE_OPS = {"LSTM", "GRU", "RNN", "Loop", "If", "Scan"}
+
+
+@dataclass
+class TrainingModels:
+    directory: Path
+    training: onnx.ModelProto
+    eval: onnx.ModelProto
+    optimizer: onnx.ModelProto
+    loss: str
+    label_name: str
+    model_outputs: list[onnx.ValueInfoProto]
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.directory / "checkpoint"
+
+
+def frozen_parameters(model: onnx.ModelProto, plan: Plan) -> list[str]:
+    """Float initializers in parameter slots that do not train: kept in the checkpoint, never updated."""
+    initializers = {init.name: init for init in model.graph.initializer}
+    trainable = set(plan.trainable_params)
+    frozen: list[str] = []
+    for node in model.graph.node:
+        slots = PARAMETER_INPUTS.get(node.op_type, ())
+        if node.op_type == "BatchNormalization":
+            slots = (1, 2, 3, 4)
+        for slot in slots:
+            name = node.input[slot] if slot < len(node.input) else ""
+            init = initializers.get(name)
+            is_float = init is not None and init.data_type == onnx.TensorProto.FLOAT
+            if is_float and name not in trainable and name not in frozen:
+                frozen.append(name)
+    return frozen
+
+
+def resolve_loss(model: onnx.ModelProto, config: CompileConfig) -> str:
+    if config.loss != "auto":
+        return config.loss
+    output = model.graph.output[0]
+    rank = len(output.type.tensor_type.shape.dim)
+    if rank == 2:
+        return "cross_entropy"
+    if rank == 4:
+        return "pixel_cross_entropy"
+    raise GfError(f"cannot pick a loss for output {output.name!r} of rank {rank}; pass --loss mse")
+
+
+def check_trainable_ops(model: onnx.ModelProto, plan: Plan) -> None:
+    names = [node.name for node in model.graph.node]
+    first = names.index(plan.trainable_convs[0]) if plan.trainable_convs[0] in names else 0
+    for node in model.graph.node[first:]:
+        if node.op_type in UNTRAINABLE_OPS or node.domain not in ("", "ai.onnx"):
+            raise GfError(
+                f"node {node.name!r} ({node.domain + '::' if node.domain else ''}{node.op_type}) is in the "
+                "trainable part and has no gradient here; train fewer layers (--train-layers)"
+            )
+
+
+def build_backward(model: onnx.ModelProto, plan: Plan, config: CompileConfig, directory: Path) -> TrainingModels:
+    """Run ORT's gradient builder into `directory` and load what it wrote."""
+    artifacts = training_submodule("artifacts")
+    onnxblock = training_submodule("onnxblock")
+    check_trainable_ops(model, plan)
+    missing = [name for name in plan.trainable_params if name not in {i.name for i in model.graph.initializer}]
+    if missing:
+        raise GfError(f"internal: trainable parameters vanished during forward passes: {missing[:5]}")
+    plan.frozen_params = frozen_parameters(model, plan)
+
+    loss_name = resolve_loss(model, config)
+    model, loss_block, label_name = _loss_block(model, loss_name, config, onnxblock, artifacts)
+    if config.optimizer == "adamw":
+        optimizer = onnxblock.optim.AdamW(weight_decay=config.weight_decay)
+    elif config.optimizer == "sgd":
+        optimizer = artifacts.OptimType.SGD
+    else:
+        raise GfError(f"unknown optimizer {config.optimizer!r}; choose adamw or sgd")
+
+    directory.mkdir(parents=True, exist_ok=True)
+    with _native_output_captured() as captured:
+        try:
+            artifacts.generate_artifacts(
+                model,
+                requires_grad=plan.trainable_params,
+                frozen_params=plan.frozen_params,
+                loss=loss_block,
+                optimizer=optimizer,
+                artifact_directory=str(directory),
+                # The runtime reports accuracy, so the training and eval models also return the logits.
+                additional_output_names=[output.name for output in model.graph.output],
+            )
+        except Exception as exc:
+            failure = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            raise GfError(f"ORT's gradient builder failed: {failure}") from None
+    if captured.get("text") and "error" in captured["text"].lower():
+        logging.getLogger(__name__).debug(captured["text"])
+    return TrainingModels(
+        directory=directory,
+        training=onnx.load(str(directory / "training_model.onnx")),
+        eval=onnx.load(str(directory / "eval_model.onnx")),
+        optimizer=onnx.load(str(directory / "optimizer_model.onnx")),
+        loss=loss_name,
+        label_name=label_name,
+        model_outputs=list(model.graph.output),
+    )
+
+
+@contextlib.contextmanager
+def _native_output_captured():
+    """Capture what ORT's C++ gradient builder prints (it logs every graph transformer at INFO)."""
+    captured: dict[str, str] = {}
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        os.dup2(sink.fileno(), 1)
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield captured
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+            sink.seek(0)
+            captured["text"] = sink.read().decode(errors="replace")
+
+
+def _loss_block(model, loss_name, config, onnxblock, artifacts):
+    output = model.graph.output[0]
+    if loss_name == "cross_entropy":
+        return model, artifacts.LossType.CrossEntropyLoss, "labels"
+    if loss_name == "mse":
+        return model, artifacts.LossType.MSELoss, "target"
+    if loss_name == "pixel_cross_entropy":
+        # The CE block derives the label shape by dropping the LAST dim, which is wrong for
+        # NCHW logits; declaring an (N, H, W) label input first makes it use ours.
+        dims = [d.dim_value for d in output.type.tensor_type.shape.dim]
+        labeled = onnx.ModelProto()
+        labeled.CopyFrom(model)
+        labeled.graph.input.append(
+            helper.make_tensor_value_info("labels", onnx.TensorProto.INT64, [dims[0], *dims[2:]])
+        )
+        return labeled, onnxblock.loss.CrossEntropyLoss(ignore_index=config.ignore_index), "labels"
+    raise GfError(f"unknown loss {loss_name!r}; choose cross_entropy, pixel_cross_entropy or mse")

@@ -1,0 +1,55 @@
+"""Running an ordered list of passes: the only place that converts ModelProto <-> gs.Graph."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from types import ModuleType
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from passes.base import FACTS, Plan
+
+from .errors import GfError
+
+
+def pass_name(module: ModuleType) -> str:
+    return module.__name__.rsplit(".", 1)[-1]
+
+
+def run_passes(passes: Sequence[ModuleType], model: onnx.ModelProto, plan: Plan, stage: str) -> onnx.ModelProto:
+    for module in passes:
+        if stage != module.STAGE:
+            raise GfError(f"internal: pass {pass_name(module)} is a {module.STAGE} pass, run in the {stage} stage")
+        _check_requirements(module, model)
+        graph = module.run(gs.import_onnx(model), plan)
+        graph.cleanup().toposort()
+        model = _export_like(graph, model)
+    return model
+
+
+def _export_like(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
+    exported = gs.export_onnx(graph, do_type_check=False)
+    exported.ir_version = original.ir_version
+    del exported.opset_import[:]
+    exported.opset_import.extend(original.opset_import)
+    exported.producer_name = original.producer_name
+    exported.producer_version = original.producer_version
+    del exported.metadata_props[:]
+    exported.metadata_props.extend(original.metadata_props)
+    return exported
+
+
+def _check_requirements(module: ModuleType, model: onnx.ModelProto) -> None:
+    for fact in module.REQUIRES:
+        if fact not in FACTS:
+            raise GfError(f"internal: pass {pass_name(module)} requires unknown fact {fact!r}")
+        if fact == "static_shapes":
+            for value in model.graph.input:
+                dims = value.type.tensor_type.shape.dim
+                if any(not d.HasField("dim_value") for d in dims):
+                    raise GfError(f"internal: pass {pass_name(module)} needs static shapes; {value.name} is dynamic")
+        elif fact == "ort_gradient_graph" and not any(
+            node.domain == "com.microsoft" or node.op_type.endswith("Grad") for node in model.graph.node
+        ):
+            raise GfError(f"internal: pass {pass_name(module)} runs on a training graph only")

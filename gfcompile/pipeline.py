@@ -1,0 +1,134 @@
+"""The compile flow. This is the only place that knows which passes run, and in what order."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import onnx
+import onnxruntime
+
+from passes import bn_eval_affine, cleanup, frozen_bn_fold
+from passes.base import Plan
+
+from . import __version__
+from .backward import TrainingModels, build_backward
+from .config import DEFAULT_BATCH_SIZE, CompileConfig
+from .loading import load_and_validate, pin_shapes, sha256_file
+from .output import (
+    check_output_dir,
+    publish,
+    save_model,
+    staging_directory,
+    write_manifest,
+)
+from .passrunner import pass_name, run_passes
+from .planning import select_layers
+
+FORWARD_PASSES = (frozen_bn_fold, bn_eval_affine, cleanup)
+TRAINING_PASSES: tuple = ()
+
+Reporter = Callable[[str], None]
+
+
+def compile_model(model_path: Path, config: CompileConfig, report: Reporter = print) -> Path:
+    """Compile `model_path` into a training artifacts folder at `config.output_dir`."""
+    check_output_dir(config.output_dir, config.force)
+    model = load_and_validate(model_path)
+    report_batch_default(model, config, report)
+    model = pin_shapes(model, config)
+    plan = select_layers(model, config)
+    report(describe_plan(plan))
+    forward = run_passes(FORWARD_PASSES, model, plan, stage="forward")
+    with staging_directory(config.output_dir) as staging:
+        report("building the backward graph with onnxruntime-training ...")
+        train = build_backward(forward, plan, config, staging)
+        train.training = run_passes(TRAINING_PASSES, train.training, plan, stage="training")
+        write_artifacts(train, plan, config, model_path)
+        publish(staging, config.output_dir)
+    report(f"wrote {config.output_dir}")
+    return config.output_dir
+
+
+def write_artifacts(train: TrainingModels, plan: Plan, config: CompileConfig, source: Path) -> None:
+    save_model(train.training, train.directory / "training_model.onnx")
+    save_model(train.eval, train.directory / "eval_model.onnx")
+    save_model(train.optimizer, train.directory / "optimizer_model.onnx")
+    write_manifest(train.directory, build_manifest(train, plan, config, source))
+
+
+def build_manifest(train: TrainingModels, plan: Plan, config: CompileConfig, source: Path) -> dict:
+    metadata = {prop.key: prop.value for prop in train.eval.metadata_props}
+    initializers = {init.name for init in train.training.graph.initializer}
+    inputs = [_value_json(v) for v in train.training.graph.input if v.name not in initializers]
+    data_inputs = [v for v in inputs if v["name"] != train.label_name and v["name"] != "lazy_reset_grad"]
+    labels = [v for v in inputs if v["name"] == train.label_name]
+    return {
+        "format_version": 1,
+        "gfcompile_version": __version__,
+        "source": {"path": str(source), "sha256": sha256_file(source)},
+        "config": config.to_json(),
+        "versions": {"onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__},
+        "passes": {
+            "forward": [pass_name(p) for p in FORWARD_PASSES],
+            "training": [pass_name(p) for p in TRAINING_PASSES],
+        },
+        "plan": {
+            "trainable_convs": plan.trainable_convs,
+            "filtered": plan.filtered,
+            "trainable_params": plan.trainable_params,
+            "frozen_params": plan.frozen_params,
+            "bn_mode": plan.bn_mode,
+            "paper_stride_scaling": plan.paper_stride_scaling,
+        },
+        "inputs": data_inputs,
+        "labels": labels,
+        "outputs": [_value_json(v) for v in train.model_outputs],
+        "loss": train.loss,
+        "ignore_index": config.ignore_index if train.loss == "pixel_cross_entropy" else None,
+        "optimizer": {
+            "type": config.optimizer,
+            "lr": config.lr,
+            "momentum": config.momentum if config.optimizer == "sgd" else None,
+            "weight_decay": config.weight_decay,
+        },
+        "session_options": {
+            "graph_optimization_level": "ORT_ENABLE_ALL",
+            "execution_order": "DEFAULT",
+            "enable_cpu_mem_arena": True,
+        },
+        "preprocess": _json_or_none(metadata.get("preprocess")),
+        "metadata": metadata,
+    }
+
+
+def describe_plan(plan: Plan) -> str:
+    trainable = set(plan.trainable_convs)
+    filtered = ", ".join(f"{name} (r={r})" for name, r in plan.filtered.items()) or "none"
+    return (
+        f"{len(plan.convs)} conv layers; training the last {len(trainable)} "
+        f"({len(plan.trainable_params)} parameter tensors); gradient-filtered: {filtered}"
+    )
+
+
+def report_batch_default(model: onnx.ModelProto, config: CompileConfig, report: Reporter) -> None:
+    if config.batch_size is not None:
+        return
+    first = model.graph.input[0].type.tensor_type.shape.dim
+    if first and not first[0].HasField("dim_value"):
+        report(f"batch dim is dynamic; pinning it to {DEFAULT_BATCH_SIZE} (set --batch-size to change)")
+
+
+def _value_json(value: onnx.ValueInfoProto) -> dict:
+    tensor_type = value.type.tensor_type
+    return {
+        "name": value.name,
+        "shape": [d.dim_value if d.HasField("dim_value") else d.dim_param for d in tensor_type.shape.dim],
+        "dtype": onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type).name,
+    }
+
+
+def _json_or_none(text: str | None):
+    import json
+
+    return json.loads(text) if text else None

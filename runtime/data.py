@@ -1,0 +1,108 @@
+"""Loading training data from .npz files with the preprocessing that the manifest records."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import RunError
+
+
+@dataclass
+class Dataset:
+    x: np.ndarray  # float32, preprocessed, shape (N, *input_shape[1:])
+    y: np.ndarray  # int64 class ids, or float32 targets for MSE
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+
+def preprocess(x: np.ndarray, spec: dict | None) -> np.ndarray:
+    """uint8 images -> float32 via the manifest's scale/mean/std; float data is used as given."""
+    if x.dtype == np.uint8:
+        if not spec:
+            raise RunError("the data is uint8 but the artifacts record no preprocessing to convert it")
+        x = x.astype(np.float32) * np.float32(spec.get("scale", 1.0 / 255.0))
+        channel_shape = (1, -1) + (1,) * (x.ndim - 2)
+        mean = np.asarray(spec.get("mean", [0.0]), dtype=np.float32).reshape(channel_shape)
+        std = np.asarray(spec.get("std", [1.0]), dtype=np.float32).reshape(channel_shape)
+        return (x - mean) / std
+    if not np.issubdtype(x.dtype, np.floating):
+        raise RunError(f"input data must be uint8 images or floats, got dtype {x.dtype}")
+    return x.astype(np.float32, copy=False)
+
+
+def load_npz(path: Path, manifest: dict) -> Dataset:
+    path = Path(path)
+    if not path.is_file():
+        raise RunError(f"{path}: no such data file")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            if "x" not in archive or "y" not in archive:
+                raise RunError(f"{path}: expected arrays 'x' and 'y', found {sorted(archive.files)}")
+            x_raw, y = archive["x"], archive["y"]
+    except (OSError, ValueError) as exc:
+        raise RunError(f"{path}: not a readable .npz file ({exc})") from None
+    return validate(preprocess(x_raw, manifest.get("preprocess")), y, manifest, str(path))
+
+
+def validate(x: np.ndarray, y: np.ndarray, manifest: dict, source: str) -> Dataset:
+    if len(x) == 0:
+        raise RunError(f"{source}: the dataset is empty")
+    if len(x) != len(y):
+        raise RunError(f"{source}: {len(x)} inputs but {len(y)} labels")
+    expected = list(manifest["inputs"][0]["shape"][1:])
+    if list(x.shape[1:]) != expected:
+        raise RunError(f"{source}: inputs have shape {list(x.shape[1:])} per sample, the model expects {expected}")
+    if not np.all(np.isfinite(x)):
+        raise RunError(f"{source}: inputs contain NaN or Inf")
+    if manifest["loss"] in ("cross_entropy", "pixel_cross_entropy"):
+        if not np.issubdtype(y.dtype, np.integer):
+            raise RunError(f"{source}: class labels must be integers, got dtype {y.dtype}")
+        y = y.astype(np.int64)
+        classes = int(manifest["outputs"][0]["shape"][1])
+        valid = (y >= 0) & (y < classes)
+        if manifest["loss"] == "pixel_cross_entropy" and manifest.get("ignore_index") is not None:
+            valid |= y == manifest["ignore_index"]
+        if not np.all(valid):
+            bad = y[~valid][0]
+            raise RunError(f"{source}: label {bad} is out of range for {classes} classes")
+    else:
+        y = y.astype(np.float32)
+    expected_label = list(manifest["labels"][0]["shape"][1:]) if manifest.get("labels") else None
+    if expected_label is not None and list(y.shape[1:]) != expected_label:
+        raise RunError(f"{source}: labels have shape {list(y.shape[1:])} per sample, expected {expected_label}")
+    return Dataset(x=x, y=y)
+
+
+def batches(data: Dataset, batch_size: int, seed: int, start_step: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Endless shuffled full batches (the compiled graph has a static batch size).
+
+    Batch k depends only on (seed, k), so training resumed at step k sees exactly the
+    batches it would have seen without the interruption.
+    """
+    if len(data) < batch_size:
+        raise RunError(f"the dataset has {len(data)} samples, fewer than the compiled batch size {batch_size}")
+    per_epoch = len(data) // batch_size
+    step, order, order_epoch = start_step, None, -1
+    while True:
+        epoch, offset = divmod(step, per_epoch)
+        if epoch != order_epoch:
+            order, order_epoch = np.random.default_rng([seed, epoch]).permutation(len(data)), epoch
+        index = order[offset * batch_size : (offset + 1) * batch_size]
+        yield data.x[index], data.y[index]
+        step += 1
+
+
+def eval_batches(data: Dataset, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
+    """Every sample once, the last batch padded by repetition; yields the count of real samples."""
+    for start in range(0, len(data), batch_size):
+        x, y = data.x[start : start + batch_size], data.y[start : start + batch_size]
+        real = len(x)
+        if real < batch_size:
+            pad = np.resize(np.arange(real), batch_size)
+            x, y = x[pad], y[pad]
+        yield x, y, real

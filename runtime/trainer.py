@@ -1,0 +1,231 @@
+"""Training and evaluating compiled artifacts with onnxruntime-training's on-device API."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .data import Dataset, batches, eval_batches
+from .errors import RunError
+from .ort_training import training_api
+
+MANIFEST = "manifest.json"
+SUPPORTED_FORMAT = 1
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_manifest(artifacts: Path, verify: bool = True) -> dict:
+    """Read manifest.json; with `verify`, refuse artifacts whose files do not match their hashes."""
+    artifacts = Path(artifacts)
+    path = artifacts / MANIFEST
+    if not path.is_file():
+        raise RunError(f"{artifacts}: no {MANIFEST}; is this a gfcompile artifacts folder?")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise RunError(f"{path}: corrupted manifest ({exc})") from None
+    if manifest.get("format_version") != SUPPORTED_FORMAT:
+        raise RunError(f"{path}: manifest format {manifest.get('format_version')} is not {SUPPORTED_FORMAT}")
+    if verify:
+        for name, expected in manifest.get("files", {}).items():
+            file = artifacts / name
+            if name == "checkpoint":
+                continue  # the checkpoint changes as training runs; it is checked on load by ORT
+            if not file.is_file():
+                raise RunError(f"{artifacts}: {name} is missing")
+            if sha256_file(file) != expected:
+                raise RunError(f"{artifacts}: {name} does not match its sha256 in the manifest (corrupted?)")
+    return manifest
+
+
+def session_options(manifest: dict):
+    """The ORT session options the compiler asked for (execution order matters for row tiling)."""
+    import onnxruntime as ort
+
+    spec = manifest.get("session_options", {})
+    options = ort.SessionOptions()
+    options.graph_optimization_level = getattr(
+        ort.GraphOptimizationLevel, spec.get("graph_optimization_level", "ORT_ENABLE_ALL")
+    )
+    options.execution_order = getattr(ort.ExecutionOrder, spec.get("execution_order", "DEFAULT"))
+    options.enable_cpu_mem_arena = bool(spec.get("enable_cpu_mem_arena", True))
+    options.log_severity_level = 3
+    return options
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    accuracy: float | None
+    samples: int
+
+
+class Trainer:
+    """One compiled model, its checkpoint state and its optimizer."""
+
+    def __init__(self, artifacts: Path, checkpoint: Path | None = None, lr: float | None = None):
+        self.artifacts = Path(artifacts)
+        self.manifest = load_manifest(self.artifacts)
+        api = training_api()
+        checkpoint = Path(checkpoint) if checkpoint is not None else self.artifacts / "checkpoint"
+        if not checkpoint.exists():
+            raise RunError(f"{checkpoint}: no such checkpoint")
+        try:
+            self.state = api.CheckpointState.load_checkpoint(str(checkpoint))
+        except Exception as exc:
+            raise RunError(f"{checkpoint}: cannot load checkpoint ({exc})") from None
+        self.module = api.Module(
+            str(self.artifacts / "training_model.onnx"),
+            self.state,
+            str(self.artifacts / "eval_model.onnx"),
+            device="cpu",
+            session_options=session_options(self.manifest),
+        )
+        spec = self.manifest["optimizer"]
+        self.lr = float(lr if lr is not None else spec["lr"])
+        self.momentum = float(spec.get("momentum") or 0.0) if spec["type"] == "sgd" else 0.0
+        self.weight_decay = float(spec.get("weight_decay") or 0.0)
+        self.trainable = list(self.manifest["plan"]["trainable_params"])
+        self._velocity: dict[str, np.ndarray] = {}
+        if self.momentum > 0:
+            # ORT 1.19's SGD optimizer op has no momentum, so the update runs here in numpy
+            # over the (few) trainable tensors of the last layers.
+            self.optimizer = None
+            self._load_velocity(checkpoint)
+        else:
+            self.optimizer = api.Optimizer(str(self.artifacts / "optimizer_model.onnx"), self.module)
+            self.optimizer.set_learning_rate(self.lr)
+        self.batch_size = int(self.manifest["inputs"][0]["shape"][0])
+
+    @property
+    def step(self) -> int:
+        return int(self.state.properties["step"]) if "step" in self.state.properties else 0
+
+    def train_step(self, x: np.ndarray, y: np.ndarray) -> float:
+        self.module.train()
+        outputs = self.module(x, y)
+        loss = float(np.asarray(outputs[0] if isinstance(outputs, (list, tuple)) else outputs))
+        if not np.isfinite(loss):
+            self.module.lazy_reset_grad()
+            raise RunError(f"step {self.step + 1}: the loss is {loss}; stopping before the weights are updated")
+        if self.optimizer is not None:
+            self.optimizer.step()
+        else:
+            self._momentum_step()
+        self.module.lazy_reset_grad()
+        self.state.properties["step"] = self.step + 1
+        return loss
+
+    def _momentum_step(self) -> None:
+        params = self.state.parameters
+        for name in self.trainable:
+            parameter = params[name]
+            grad = parameter.grad
+            value = parameter.data
+            if self.weight_decay:
+                grad = grad + self.weight_decay * value
+            velocity = self._velocity.get(name)
+            velocity = grad.copy() if velocity is None else self.momentum * velocity + grad
+            self._velocity[name] = velocity
+            params[name] = (value - self.lr * velocity).astype(np.float32)
+
+    def outputs(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+        """Eval-mode loss and model output for one batch."""
+        self.module.eval()
+        outputs = self.module(x, y)
+        return float(np.asarray(outputs[0])), np.asarray(outputs[1])
+
+    def evaluate(self, data: Dataset) -> EvalResult:
+        total_loss, correct, count, label_count = 0.0, 0, 0, 0
+        classify = self.manifest["loss"] in ("cross_entropy", "pixel_cross_entropy")
+        for x, y, real in eval_batches(data, self.batch_size):
+            loss, logits = self.outputs(x, y)
+            total_loss += loss * real
+            count += real
+            if classify:
+                predicted = logits[:real].argmax(axis=1)
+                labels = y[:real]
+                mask = labels != self.manifest.get("ignore_index") if labels.ndim > 1 else np.ones_like(labels, bool)
+                correct += int(((predicted == labels) & mask).sum())
+                label_count += int(mask.sum())
+        accuracy = correct / label_count if classify and label_count else None
+        return EvalResult(loss=total_loss / count, accuracy=accuracy, samples=count)
+
+    def fit(
+        self,
+        data: Dataset,
+        steps: int,
+        seed: int = 0,
+        log_every: int = 10,
+        checkpoint: Path | None = None,
+        checkpoint_every: int = 0,
+        out=sys.stderr,
+    ) -> list[float]:
+        """Train `steps` more steps; the data order depends only on (seed, step), so resuming repeats nothing."""
+        stream = batches(data, self.batch_size, seed, start_step=self.step)
+        losses: list[float] = []
+        start = time.perf_counter()
+        target = self.step + steps
+        while self.step < target:
+            x, y = next(stream)
+            losses.append(self.train_step(x, y))
+            done = len(losses)
+            if log_every and (done % log_every == 0 or self.step == target):
+                elapsed = time.perf_counter() - start
+                rate = done * self.batch_size / elapsed if elapsed else 0.0
+                recent = float(np.mean(losses[-log_every:]))
+                print(
+                    f"step {self.step:>6}/{target}  loss {recent:.4f}  {rate:,.0f} samples/s",
+                    file=out,
+                    flush=True,
+                )
+            if checkpoint is not None and checkpoint_every and self.step % checkpoint_every == 0:
+                self.save(checkpoint)
+        return losses
+
+    def save(self, checkpoint: Path) -> None:
+        """Write the checkpoint atomically: a crash leaves the previous one intact."""
+        api = training_api()
+        checkpoint = Path(checkpoint)
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        temporary = checkpoint.with_name(checkpoint.name + ".tmp")
+        api.CheckpointState.save_checkpoint(self.state, str(temporary), include_optimizer_state=True)
+        _fsync(temporary)
+        os.replace(temporary, checkpoint)
+        if self._velocity:
+            velocity_path = checkpoint.with_name(checkpoint.name + ".momentum.npz")
+            temporary = velocity_path.with_name(velocity_path.name + ".tmp.npz")
+            np.savez(temporary, **self._velocity)
+            _fsync(temporary)
+            os.replace(temporary, velocity_path)
+
+    def _load_velocity(self, checkpoint: Path) -> None:
+        path = checkpoint.with_name(checkpoint.name + ".momentum.npz")
+        if path.is_file():
+            with np.load(path) as archive:
+                self._velocity = {name: archive[name] for name in archive.files}
+
+    def export_inference(self, path: Path) -> Path:
+        """An inference-only ONNX model with the current weights, runnable by plain onnxruntime."""
+        output_names = [value["name"] for value in self.manifest["outputs"]]
+        self.module.export_model_for_inferencing(str(path), output_names)
+        return Path(path)
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
