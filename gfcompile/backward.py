@@ -151,6 +151,32 @@ def _native_output_captured():
             captured["text"] = sink.read().decode(errors="replace")
 
 
+def _pixel_cross_entropy_block(onnxblock, label_shape: list[int], ignore_index: int):
+    """Per-pixel cross-entropy over NCHW logits with (N, H, W) labels.
+
+    ORT's CrossEntropyLoss block derives the label shape by dropping the LAST logits dim,
+    which is wrong for NCHW, so this block declares the label input itself.
+    """
+
+    class PixelCrossEntropy(onnxblock.Block):
+        def build(self, scores_name: str, *_extra_outputs: str) -> str:
+            graph = self.base.graph
+            graph.input.append(helper.make_tensor_value_info("labels", onnx.TensorProto.INT64, label_shape))
+            graph.node.append(
+                helper.make_node(
+                    "SoftmaxCrossEntropyLoss",
+                    [scores_name, "labels"],
+                    ["pixel_ce_loss", "pixel_ce_log_prob"],
+                    reduction="mean",
+                    ignore_index=ignore_index,
+                    name="PixelCrossEntropy",
+                )
+            )
+            return "pixel_ce_loss"
+
+    return PixelCrossEntropy()
+
+
 def _loss_block(model, loss_name, config, onnxblock, artifacts):
     output = model.graph.output[0]
     if loss_name == "cross_entropy":
@@ -158,13 +184,6 @@ def _loss_block(model, loss_name, config, onnxblock, artifacts):
     if loss_name == "mse":
         return model, artifacts.LossType.MSELoss, "target"
     if loss_name == "pixel_cross_entropy":
-        # The CE block derives the label shape by dropping the LAST dim, which is wrong for
-        # NCHW logits; declaring an (N, H, W) label input first makes it use ours.
         dims = [d.dim_value for d in output.type.tensor_type.shape.dim]
-        labeled = onnx.ModelProto()
-        labeled.CopyFrom(model)
-        labeled.graph.input.append(
-            helper.make_tensor_value_info("labels", onnx.TensorProto.INT64, [dims[0], *dims[2:]])
-        )
-        return labeled, onnxblock.loss.CrossEntropyLoss(ignore_index=config.ignore_index), "labels"
+        return model, _pixel_cross_entropy_block(onnxblock, [dims[0], *dims[2:]], config.ignore_index), "labels"
     raise GfError(f"unknown loss {loss_name!r}; choose cross_entropy, pixel_cross_entropy or mse")

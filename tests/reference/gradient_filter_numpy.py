@@ -128,7 +128,7 @@ def mean_pool_grad(g_y: np.ndarray, geom: dict[str, int]) -> np.ndarray:
     sums = _block_sum(_window2d(g_y, start_h, p_h * r, start_w, p_w * r), r, r)
     ones = np.ones((1, 1) + g_y.shape[-2:])
     counts = _block_sum(_window2d(ones, start_h, p_h * r, start_w, p_w * r), r, r)
-    return sums / (r * r)
+    return sums / counts
 
 
 def upsample_crop(
