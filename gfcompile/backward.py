@@ -32,6 +32,7 @@ class TrainingModels:
     optimizer: onnx.ModelProto
     loss: str
     label_name: str
+    model_inputs: list[onnx.ValueInfoProto]
     model_outputs: list[onnx.ValueInfoProto]
 
     @property
@@ -124,6 +125,7 @@ def build_backward(model: onnx.ModelProto, plan: Plan, config: CompileConfig, di
         optimizer=onnx.load(str(directory / "optimizer_model.onnx")),
         loss=loss_name,
         label_name=label_name,
+        model_inputs=[v for v in model.graph.input if v.name not in {i.name for i in model.graph.initializer}],
         model_outputs=list(model.graph.output),
     )
 

@@ -59,10 +59,8 @@ def write_artifacts(train: TrainingModels, plan: Plan, config: CompileConfig, so
 
 def build_manifest(train: TrainingModels, plan: Plan, config: CompileConfig, source: Path) -> dict:
     metadata = {prop.key: prop.value for prop in train.eval.metadata_props}
-    initializers = {init.name for init in train.training.graph.initializer}
-    inputs = [_value_json(v) for v in train.training.graph.input if v.name not in initializers]
-    data_inputs = [v for v in inputs if v["name"] != train.label_name and v["name"] != "lazy_reset_grad"]
-    labels = [v for v in inputs if v["name"] == train.label_name]
+    data_inputs = [_value_json(v) for v in train.model_inputs if v.name != train.label_name]
+    labels = [_value_json(v) for v in train.training.graph.input if v.name == train.label_name]
     return {
         "format_version": 1,
         "gfcompile_version": __version__,

@@ -7,11 +7,10 @@ from pathlib import Path
 import onnx
 import pytest
 
-from tests.zoo_helpers import ZOO_CASES, export_case, make_batch, relative_error, torch, torch_reference
-
 from gfcompile.config import CompileConfig
 from gfcompile.pipeline import compile_model
 from runtime.trainer import Trainer
+from tests.zoo_helpers import ZOO_CASES, export_case, make_batch, relative_error, torch, torch_reference
 
 BATCH = 2
 LR = 0.05

@@ -95,7 +95,7 @@ def _filtered_input_grad(
     # padding=0 gives p + dd*(k-1) rows; keeping [dd*(k-1)//2, ... + p) is the 'same'
     # padding, with the floor on top/left for even k (conv_transpose2d only takes
     # symmetric padding).
-    top, left = (dd_h * (k_h - 1) + 1) // 2, (dd_w * (k_w - 1)) // 2
+    top, left = (dd_h * (k_h - 1)) // 2, (dd_w * (k_w - 1)) // 2
     p_h, p_w = g_hat.shape[-2:]
     return full[:, :, top : top + p_h, left : left + p_w]
 

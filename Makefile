@@ -1,0 +1,31 @@
+# A fresh machine needs Python 3.11 (the last onnxruntime-training wheels stop there).
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test lint bench clean
+
+$(BIN)/gfcompile: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(BIN)/gfcompile
+
+setup: $(BIN)/gfcompile
+
+# Compile the bundled pretrained model (digits 0-4) and fine-tune it on digits 5-9.
+demo: setup
+	$(BIN)/gfcompile models/zoo/mobilenetv2_digits.onnx --filter-layers 4 --batch-size 32 -o out/ --force
+	$(BIN)/gfcompile train out/ --data models/data/digits_5to9_train.npz \
+		--eval-data models/data/digits_5to9_test.npz --steps 50
+
+test: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python -m benchmarks all --profile quick
+
+clean:
+	rm -rf $(VENV) out

@@ -1,0 +1,595 @@
+"""Gradient filtering (Yang, Li, Marculescu, CVPR 2023) as a training-graph rewrite.
+
+For every conv in `plan.filtered` (conv node name -> patch size r) the `ConvGrad` node
+that ORT's gradient builder emitted is replaced by cheap standard ops that write the
+same output tensors. Per axis (h shown; w is the same):
+
+    p_h  = ceil(H_y / r)                 patches of the output gradient
+    R_h  = r * s_h                       input rows covered by one patch
+    px_h = ceil((p_h * R_h - H_x) / 2)   top pad of x (negative: crop)
+    pg_h = ceil((p_h * r   - H_y) / 2)   top pad of g_y (0 <= pg_h < r)
+
+    forward   x~ = SUM-pool of x over R x R windows      N x C_in  x p_h x p_w
+              W~ = sum of W over its taps               C_out x C_in/g
+    backward  g^ = MEAN-pool of g_y over r x r windows (in-image elements only)
+              grad_x = crop(upsample_R(W~^T g^)) / (s_h s_w)
+              grad_W[co, ci, :, :] = sum_{n,patches} g^[n, co] x~[n, ci] / (s_h s_w)
+              grad_b = sum_{n,h,w} g_y
+
+Dilated axes with d > 1 and d >= r keep their taps apart at patch resolution: there
+g^x is the data gradient (ConvTranspose) of a conv with W, dilation d // r and 'same'
+padding, instead of the W~ channel mix. `plan.paper_stride_scaling` drops 1/(s_h s_w).
+
+Why the op choice (measured with ORT 1.19 on 2 CPU cores, 32x128x120x160 float32):
+AveragePool over r x r windows runs at a third of memory bandwidth, so aligned pools are
+a ReduceSum over the row pairs (a KRK reduction, bandwidth bound) followed by a MatMul
+with a small 0/1 block matrix for the column pairs (MLAS GEMM beats ReduceSum over a
+trailing axis of size 2 by 3-10x). Nearest upsampling is the mirror image: MatMul with a
+0/1 matrix for columns, then Gather over rows (which also does the crop and zero fill);
+Expand and Resize are 3-10x slower there. All constant factors (1/r^2 of the mean,
+R^2 of an AveragePool-based sum, 1/(s_h s_w)) are folded into W~ or the MatMul alpha,
+so no extra pass over a large tensor runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, replace
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .base import ConvLayer, Plan, Stage
+
+STAGE: Stage = "training"
+REQUIRES: tuple[str, ...] = ("static_shapes", "ort_gradient_graph")
+
+_LOG = logging.getLogger(__name__)
+_MS_DOMAIN = "com.microsoft"
+_FLOAT_BYTES = 4
+
+
+def _ceil_div(a: int, b: int) -> int:
+    # Exact integer ceil(a / b) that is also right for negative a (pads that crop).
+    return -((-a) // b)
+
+
+@dataclass(frozen=True)
+class FilterGeometry:
+    """Patch geometry of one filtered conv (static, batch included in the shapes).
+
+    `x_pads` / `g_pads` are ONNX-ordered (top, left, bottom, right); a negative x pad
+    crops. `reduced_dilations[i]` is the dilation of the patch-resolution transposed
+    conv on axis i, 0 where that axis uses the summed-tap W~ form.
+    """
+
+    layer: str
+    r: int
+    strides: tuple[int, int]
+    patch: tuple[int, int]
+    grid: tuple[int, int]
+    x_pads: tuple[int, int, int, int]
+    g_pads: tuple[int, int, int, int]
+    reduced_dilations: tuple[int, int]
+    x_pooled_shape: tuple[int, int, int, int]
+    g_pooled_shape: tuple[int, int, int, int]
+
+    @property
+    def x_aligned(self) -> bool:
+        """x tiles into R x R windows exactly, so its pool is a plain block sum."""
+        return self.x_pads == (0, 0, 0, 0)
+
+    @property
+    def g_aligned(self) -> bool:
+        """g_y tiles into r x r windows exactly: every mean divides by r*r."""
+        return self.g_pads == (0, 0, 0, 0)
+
+    @property
+    def spatial(self) -> bool:
+        """grad_x needs the dilated transposed conv rather than the W~ channel mix."""
+        return self.reduced_dilations != (0, 0)
+
+
+def filter_geometry(layer: ConvLayer, r: int) -> FilterGeometry:
+    """The patch geometry of `layer` filtered with patch size `r`; ValueError if impossible."""
+    where = f"gradient filter on conv {layer.node!r}"
+    if isinstance(r, bool) or not isinstance(r, int | np.integer) or r < 1:
+        raise ValueError(f"{where}: patch size r must be an integer >= 1, got {r!r}")
+    r = int(r)
+    dims = (*layer.x_shape, *layer.y_shape, *layer.kernel, *layer.strides, *layer.dilations)
+    if len(layer.x_shape) != 4 or len(layer.y_shape) != 4 or min(dims) < 1:
+        raise ValueError(f"{where}: needs static NCHW shapes and positive geometry, got {layer}")
+    if min(layer.pads) < 0:
+        raise ValueError(f"{where}: negative conv pads {layer.pads} are not supported")
+    n, c_in, h_x, w_x = layer.x_shape
+    n_y, c_out, h_y, w_y = layer.y_shape
+    group = layer.group
+    if n_y != n or group < 1 or c_in % group or c_out % group:
+        raise ValueError(f"{where}: shapes {layer.x_shape} -> {layer.y_shape} do not fit group={group}")
+    for axis, (size, out) in enumerate(((h_x, h_y), (w_x, w_y))):
+        pad_total = layer.pads[axis] + layer.pads[axis + 2]
+        expected = (size + pad_total - layer.dilations[axis] * (layer.kernel[axis] - 1) - 1) // layer.strides[axis] + 1
+        if expected != out:
+            raise ValueError(
+                f"{where}: output size {out} on axis {axis + 2} does not follow from input {size}, "
+                f"kernel {layer.kernel}, strides {layer.strides}, pads {layer.pads}, dilations {layer.dilations}"
+            )
+
+    s_h, s_w = layer.strides
+    p_h, p_w = _ceil_div(h_y, r), _ceil_div(w_y, r)
+    R_h, R_w = r * s_h, r * s_w
+    x_tot = (p_h * R_h - h_x, p_w * R_w - w_x)
+    g_tot = (p_h * r - h_y, p_w * r - w_y)
+    x_begin = tuple(_ceil_div(t, 2) for t in x_tot)
+    g_begin = tuple(_ceil_div(t, 2) for t in g_tot)
+    # d // r is the patch-resolution dilation for the brief's stride-1 ASPP case; for
+    # 1 < d < r all taps land in one patch, which is exactly the W~ form (as for d == 1).
+    reduced = tuple(d // r if d > 1 else 0 for d in layer.dilations)
+    return FilterGeometry(
+        layer=layer.node,
+        r=r,
+        strides=(s_h, s_w),
+        patch=(R_h, R_w),
+        grid=(p_h, p_w),
+        x_pads=(x_begin[0], x_begin[1], x_tot[0] - x_begin[0], x_tot[1] - x_begin[1]),
+        g_pads=(g_begin[0], g_begin[1], g_tot[0] - g_begin[0], g_tot[1] - g_begin[1]),
+        reduced_dilations=(int(reduced[0]), int(reduced[1])),
+        x_pooled_shape=(n, c_in, p_h, p_w),
+        g_pooled_shape=(n, c_out, p_h, p_w),
+    )
+
+
+def filtered_cost(layer: ConvLayer, r: int, *, grad_x: bool = True) -> dict[str, float | int | str]:
+    """Analytic per-layer cost at batch 1, vanilla backward vs gradient filtering.
+
+    Activation bytes are the float32 bytes of the conv's input kept for the backward:
+    vanilla C_in*H_x*W_x*4, filtered C_in*p_h*p_w*4 (x~).
+
+    FLOPs count a multiply-add as 2 and an addition as 1; copies count 0.
+    - vanilla: grad_W and (if `grad_x`) grad_x are each one GEMM as large as the
+      forward conv, i.e. 2 * MACs each, MACs = C_out*H_y*W_y*(C_in/g)*k_h*k_w.
+    - filtered: the r x r mean pool of g_y (C_out*H_y*W_y adds) + grad_W
+      (2*C_out*(C_in/g)*p_h*p_w) + grad_x (2*C_out*(C_in/g)*p_h*p_w for the W~ mix,
+      times the taps kept on reduced-dilation axes for the dilated form). The
+      nearest upsample of grad_x moves C_in*H_x*W_x elements and does no arithmetic;
+      it is reported as `upsample_elements`. grad_b is exact in both and left out.
+    """
+    geom = filter_geometry(replace(layer, x_shape=(1, *layer.x_shape[1:]), y_shape=(1, *layer.y_shape[1:])), r)
+    _, c_in, h_x, w_x = layer.x_shape
+    _, c_out, h_y, w_y = layer.y_shape
+    cin_g = c_in // layer.group
+    p_h, p_w = geom.grid
+    macs = c_out * h_y * w_y * cin_g * layer.kernel[0] * layer.kernel[1]
+    vanilla = 2 * macs * (2 if grad_x else 1)
+    taps = (layer.kernel[0] if geom.reduced_dilations[0] else 1) * (layer.kernel[1] if geom.reduced_dilations[1] else 1)
+    mix = 2 * c_out * cin_g * p_h * p_w
+    filtered = c_out * h_y * w_y + mix + (mix * taps if grad_x else 0)
+    vanilla_bytes = c_in * h_x * w_x * _FLOAT_BYTES
+    filtered_bytes = c_in * p_h * p_w * _FLOAT_BYTES
+    return {
+        "layer": layer.node,
+        "r": geom.r,
+        "vanilla_activation_bytes": vanilla_bytes,
+        "filtered_activation_bytes": filtered_bytes,
+        "activation_ratio": vanilla_bytes / filtered_bytes,
+        "vanilla_backward_flops": vanilla,
+        "filtered_backward_flops": filtered,
+        "flops_ratio": vanilla / filtered,
+        "upsample_elements": c_in * h_x * w_x if grad_x else 0,
+    }
+
+
+def run(graph: gs.Graph, plan: Plan) -> gs.Graph:
+    """Replace the ConvGrad of every filtered conv with the gradient-filtering ops."""
+    for conv_name, r in plan.filtered.items():
+        try:
+            layer = plan.conv(conv_name)
+        except KeyError:
+            raise ValueError(f"gradient filter: conv {conv_name!r} is filtered but not in the plan") from None
+        forward = _forward_conv(graph, layer)
+        layer = _resolve_auto_pad(layer, forward)
+        geom = filter_geometry(layer, r)
+        conv_grad = _conv_grad(graph, layer)
+        _rewrite(graph, layer, geom, conv_grad, plan.paper_stride_scaling)
+    graph.cleanup().toposort()
+    for conv_name, readers in retained_input_readers(graph, plan).items():
+        # These are other ORT gradient nodes (e.g. a ReluGrad reading the ReLU output that
+        # is this conv's input): they keep the full-resolution x alive for the backward.
+        _LOG.info("gradient filter: input of %s is still read by %s", conv_name, ", ".join(readers))
+    return graph
+
+
+def retained_input_readers(graph: gs.Graph, plan: Plan) -> dict[str, list[str]]:
+    """Per filtered conv, the nodes other than the conv and its pooling that read its input x.
+
+    After `run` these can only be ORT's gradient nodes of other layers; they decide
+    whether the full-resolution activation is still saved for the backward.
+    """
+    tensors = graph.tensors()
+    readers: dict[str, list[str]] = {}
+    for conv_name in plan.filtered:
+        layer = plan.conv(conv_name)
+        x = tensors.get(layer.input)
+        if x is None:
+            continue
+        own = (layer.node, f"{layer.node}/gf/")
+        others = [f"{n.name} ({n.op})" for n in x.outputs if n.name != own[0] and not n.name.startswith(own[1])]
+        if others:
+            readers[conv_name] = others
+    return readers
+
+
+def _forward_conv(graph: gs.Graph, layer: ConvLayer) -> gs.Node:
+    matches = [n for n in graph.nodes if n.op == "Conv" and n.name == layer.node]
+    if not matches:
+        # ORT keeps forward node names; fall back to the (input, weight) pair anyway.
+        matches = [
+            n
+            for n in graph.nodes
+            if n.op == "Conv" and len(n.inputs) > 1 and (n.inputs[0].name, n.inputs[1].name) == (layer.input, layer.weight)
+        ]
+    if len(matches) != 1:
+        raise ValueError(f"gradient filter: found {len(matches)} forward Conv nodes for conv {layer.node!r}, need 1")
+    return matches[0]
+
+
+def _resolve_auto_pad(layer: ConvLayer, node: gs.Node) -> ConvLayer:
+    """Explicit pads from the node's auto_pad (if any), so the shape check sees real pads."""
+    auto_pad = node.attrs.get("auto_pad", "NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
+    if auto_pad in ("NOTSET", ""):
+        return layer
+    if auto_pad == "VALID":
+        return replace(layer, pads=(0, 0, 0, 0))
+    if auto_pad not in ("SAME_UPPER", "SAME_LOWER"):
+        raise ValueError(f"gradient filter on conv {layer.node!r}: unknown auto_pad {auto_pad!r}")
+    begins, ends = [], []
+    for size, k, s, d in zip(layer.x_shape[2:], layer.kernel, layer.strides, layer.dilations, strict=True):
+        total = max(0, (_ceil_div(size, s) - 1) * s + (k - 1) * d + 1 - size)
+        small, large = total // 2, total - total // 2
+        begins.append(small if auto_pad == "SAME_UPPER" else large)
+        ends.append(large if auto_pad == "SAME_UPPER" else small)
+    return replace(layer, pads=(begins[0], begins[1], ends[0], ends[1]))
+
+
+def _conv_grad(graph: gs.Graph, layer: ConvLayer) -> gs.Node:
+    matches = [
+        n
+        for n in graph.nodes
+        if n.op == "ConvGrad"
+        and len(n.inputs) >= 3
+        and n.inputs[1].name == layer.input
+        and n.inputs[2].name == layer.weight
+    ]
+    if len(matches) != 1:
+        raise ValueError(
+            f"gradient filter on conv {layer.node!r}: expected one ConvGrad reading ({layer.input!r}, "
+            f"{layer.weight!r}), found {len(matches)}; is the conv trainable and not yet filtered?"
+        )
+    node = matches[0]
+    where = f"gradient filter on conv {layer.node!r}"
+    checks = {
+        "group": (int(node.attrs.get("group", 1)), layer.group),
+        "strides": (tuple(node.attrs.get("strides", (1, 1))), layer.strides),
+        "dilations": (tuple(node.attrs.get("dilations", (1, 1))), layer.dilations),
+    }
+    for attr, (found, planned) in checks.items():
+        if found != planned:
+            raise ValueError(f"{where}: ConvGrad has {attr}={found}, the plan says {planned}")
+    g_y, x, w = node.inputs[:3]
+    c_out = layer.y_shape[1]
+    expected = {
+        g_y: layer.y_shape,
+        x: layer.x_shape,
+        w: (c_out, layer.x_shape[1] // layer.group, *layer.kernel),
+    }
+    for tensor, shape in expected.items():
+        if tensor.shape is not None and tuple(tensor.shape) != tuple(shape):
+            raise ValueError(f"{where}: tensor {tensor.name!r} has shape {tensor.shape}, the plan says {shape}")
+        if tensor.dtype is not None and np.dtype(tensor.dtype) != np.float32:
+            raise ValueError(f"{where}: only float32 is supported, {tensor.name!r} is {tensor.dtype}")
+    return node
+
+
+class _Emitter:
+    """Adds nodes whose node and tensor names are f"{conv}/gf/<name>" (unique, never *_grad)."""
+
+    def __init__(self, graph: gs.Graph, prefix: str) -> None:
+        self.graph = graph
+        self.prefix = f"{prefix}/gf"
+
+    def const(self, name: str, values: np.ndarray) -> gs.Constant:
+        return gs.Constant(f"{self.prefix}/{name}", np.ascontiguousarray(values))
+
+    def ints(self, name: str, values: list[int] | tuple[int, ...]) -> gs.Constant:
+        return self.const(name, np.array(values, dtype=np.int64))
+
+    def op(
+        self,
+        op: str,
+        name: str,
+        inputs: list[gs.Tensor],
+        shape: tuple[int, ...],
+        attrs: dict | None = None,
+        domain: str | None = None,
+    ) -> gs.Variable:
+        out = gs.Variable(f"{self.prefix}/{name}", dtype=np.float32, shape=list(shape))
+        node = gs.Node(op=op, name=f"{self.prefix}/{name}", attrs=attrs or {}, inputs=inputs, outputs=[out])
+        if domain:
+            node.domain = domain
+        self.graph.nodes.append(node)
+        return out
+
+    def reshape(self, name: str, src: gs.Tensor, shape: tuple[int, ...]) -> gs.Variable:
+        return self.op("Reshape", name, [src, self.ints(f"{name}_shape", shape)], shape)
+
+    def reduce_sum(self, name: str, src: gs.Tensor, axes: tuple[int, ...], shape: tuple[int, ...]) -> gs.Variable:
+        return self.op("ReduceSum", name, [src, self.ints(f"{name}_axes", axes)], shape, {"keepdims": 0})
+
+    def scale(self, name: str, src: gs.Tensor, factor: float, shape: tuple[int, ...]) -> gs.Tensor:
+        # Only ever applied to small tensors (W~, per-channel sums); skipped when exact 1.
+        if factor == 1.0:
+            return src
+        return self.op("Mul", name, [src, self.const(f"{name}_factor", np.array(factor, dtype=np.float32))], shape)
+
+
+def _block_width(count: int) -> int:
+    """How many outputs one row of the 0/1 pooling/upsampling MatMul produces.
+
+    MLAS is fastest with 8-16 output columns; the row must hold whole windows, so take
+    the largest divisor of `count` up to 16 (whole rows when only tiny divisors exist).
+    """
+    best = max(d for d in range(1, min(count, 16) + 1) if count % d == 0)
+    return count if best < 4 and count <= 48 else best
+
+
+def _block_sum(em: _Emitter, name: str, src: gs.Tensor, shape: tuple[int, ...], b_h: int, b_w: int) -> gs.Variable:
+    """Sum over non-overlapping b_h x b_w blocks of an N x C x H x W tensor (H, W divisible)."""
+    n, c, h, w = shape
+    p_h, p_w = h // b_h, w // b_w
+    if b_h == 1 and b_w == 1:
+        return em.op("Identity", name, [src], shape)
+    cur: gs.Tensor = src
+    if b_h > 1:
+        # (N*C*p_h, b_h, W) reduced over the middle axis: ORT's bandwidth-bound KRK reduction.
+        rows = em.reshape(f"{name}_rows", cur, (n * c * p_h, b_h, w))
+        cur = em.reduce_sum(f"{name}_hsum", rows, (1,), (n * c * p_h, w))
+    if b_w > 1:
+        m = _block_width(p_w)
+        blocks = em.reshape(f"{name}_cols", cur, (n * c * p_h * p_w // m, m * b_w))
+        ones = np.kron(np.eye(m, dtype=np.float32), np.ones((b_w, 1), dtype=np.float32))
+        cur = em.op("MatMul", f"{name}_wsum", [blocks, em.const(f"{name}_wsum_matrix", ones)], (n * c * p_h * p_w // m, m))
+    return em.reshape(name, cur, (n, c, p_h, p_w))
+
+
+def _pool_input(em: _Emitter, x: gs.Tensor, layer: ConvLayer, geom: FilterGeometry) -> tuple[gs.Variable, float]:
+    """x~ (N x C_in x p_h x p_w) and the factor that turns it into the window SUM."""
+    n, c, h, w = layer.x_shape
+    p_h, p_w = geom.grid
+    R_h, R_w = geom.patch
+    pooled = geom.x_pooled_shape
+    if geom.x_aligned:
+        return _block_sum(em, "x_pool", x, layer.x_shape, R_h, R_w), 1.0
+    top, left, bottom, right = geom.x_pads
+    cur: gs.Tensor = x
+    if min(geom.x_pads) < 0:
+        # Negative pads crop: only rows [-top, -top + p_h*R_h) take part (valid convs).
+        starts = (max(-top, 0), max(-left, 0))
+        ends = (h - max(-bottom, 0), w - max(-right, 0))
+        h, w = ends[0] - starts[0], ends[1] - starts[1]
+        cur = em.op(
+            "Slice",
+            "x_crop",
+            [cur, em.ints("x_crop_starts", starts), em.ints("x_crop_ends", ends), em.ints("x_crop_axes", (2, 3))],
+            (n, c, h, w),
+        )
+    pads = tuple(max(p, 0) for p in geom.x_pads)
+    if pads == (0, 0, 0, 0):
+        return _block_sum(em, "x_pool", cur, (n, c, h, w), R_h, R_w), 1.0
+    if max(pads[0], pads[2]) < R_h and max(pads[1], pads[3]) < R_w:
+        # One op: zero padding adds nothing, count_include_pad=1 divides by exactly R_h*R_w.
+        attrs = {"kernel_shape": [R_h, R_w], "strides": [R_h, R_w], "pads": list(pads), "count_include_pad": 1}
+        return em.op("AveragePool", "x_pool", [cur], pooled, attrs), float(R_h * R_w)
+    # Pads of a whole window or more (unusual conv pads): pad explicitly, then block-sum.
+    padded = em.op(
+        "Pad",
+        "x_padded",
+        [cur, em.ints("x_padded_pads", (0, 0, pads[0], pads[1], 0, 0, pads[2], pads[3]))],
+        (n, c, p_h * R_h, p_w * R_w),
+    )
+    return _block_sum(em, "x_pool", padded, (n, c, p_h * R_h, p_w * R_w), R_h, R_w), 1.0
+
+
+def _pool_grad(em: _Emitter, g_y: gs.Tensor, layer: ConvLayer, geom: FilterGeometry) -> tuple[gs.Tensor, float, bool]:
+    """g^ as (tensor, factor to the MEAN, whether the tensor holds exact window sums)."""
+    r = geom.r
+    if r == 1:
+        return g_y, 1.0, True
+    if geom.g_aligned:
+        return _block_sum(em, "g_pool", g_y, layer.y_shape, r, r), 1.0 / (r * r), True
+    # Border windows are partly outside the image: count_include_pad=0 divides by the
+    # in-image count, which is the exact mean the method defines.
+    attrs = {"kernel_shape": [r, r], "strides": [r, r], "pads": list(geom.g_pads), "count_include_pad": 0}
+    return em.op("AveragePool", "g_pool", [g_y], geom.g_pooled_shape, attrs), 1.0, False
+
+
+def _window(em: _Emitter, name: str, src: gs.Tensor, shape: tuple[int, ...], axis: int, start: int, length: int):
+    """src[start : start + length] on `axis`, zero-filled outside src (Slice or Pad)."""
+    size = shape[axis]
+    if start == 0 and length == size:
+        return src, shape
+    out_shape = tuple(length if i == axis else d for i, d in enumerate(shape))
+    if start >= 0 and start + length <= size:
+        inputs = [src, em.ints(f"{name}_starts", (start,)), em.ints(f"{name}_ends", (start + length,))]
+        return em.op("Slice", name, [*inputs, em.ints(f"{name}_axes", (axis,))], out_shape), out_shape
+    if start <= 0 and start + length >= size:
+        pads = [0] * 8
+        pads[axis], pads[4 + axis] = -start, start + length - size
+        return em.op("Pad", name, [src, em.ints(f"{name}_pads", pads)], out_shape), out_shape
+    raise AssertionError(f"window [{start}, {start + length}) of size {size} both pads and crops")
+
+
+def _upsample(em: _Emitter, src: gs.Tensor, layer: ConvLayer, geom: FilterGeometry) -> gs.Tensor:
+    """Nearest-upsample N x C_in x p_h x p_w into R x R blocks, cropped/zero-filled to H_x x W_x."""
+    n, c, h_x, w_x = layer.x_shape
+    p_h, p_w = geom.grid
+    R_h, R_w = geom.patch
+    top, left = geom.x_pads[:2]
+    cur: gs.Tensor = src
+    shape = (n, c, p_h, p_w)
+    if R_w > 1:
+        m = _block_width(p_w)
+        rows = em.reshape("up_rows", cur, (n * c * p_h * p_w // m, m))
+        copy = np.kron(np.eye(m, dtype=np.float32), np.ones((1, R_w), dtype=np.float32))
+        wide = em.op("MatMul", "up_cols", [rows, em.const("up_cols_matrix", copy)], (n * c * p_h * p_w // m, m * R_w))
+        shape = (n, c, p_h, p_w * R_w)
+        cur = em.reshape("up_w", wide, shape)
+    cur, shape = _window(em, "up_w_window", cur, shape, 3, left, w_x)
+    # Rows: one Gather does the R_h-fold repeat, the crop and (via an appended zero row)
+    # the zero fill of rows that a cropping (negative) pad leaves uncovered.
+    src_rows = [(i + top) // R_h if 0 <= i + top < p_h * R_h else p_h for i in range(h_x)]
+    if src_rows == list(range(p_h)) and h_x == p_h:
+        return cur if cur is not src else em.op("Identity", "up", [cur], shape)
+    if p_h in src_rows:
+        cur, shape = _window(em, "up_zero_row", cur, shape, 2, 0, p_h + 1)
+    indices = em.ints("up_rows_index", src_rows)
+    return em.op("Gather", "up", [cur, indices], (n, c, h_x, w_x), {"axis": 2})
+
+
+def _redirect(produced: gs.Tensor, target: gs.Variable) -> None:
+    """Make the node that produced `produced` write the existing tensor `target` instead."""
+    assert not produced.outputs and len(produced.inputs) == 1, produced.name
+    node = produced.inputs[0]
+    node.outputs.clear()
+    node.outputs.append(target)
+
+
+def _rewrite(graph: gs.Graph, layer: ConvLayer, geom: FilterGeometry, conv_grad: gs.Node, paper: bool) -> None:
+    g_y, x, w = conv_grad.inputs[:3]
+    outputs = list(conv_grad.outputs) + [None] * (3 - len(conv_grad.outputs))
+    # ORT writes '' for gradients nobody needs (e.g. dX of the first trainable conv).
+    d_x, d_w, d_b = (t if t is not None and t.name else None for t in outputs[:3])
+    conv_grad.inputs.clear()
+    conv_grad.outputs.clear()
+
+    em = _Emitter(graph, layer.node)
+    n, c_in, _, _ = layer.x_shape
+    c_out = layer.y_shape[1]
+    group = layer.group
+    cin_g, cout_g = c_in // group, c_out // group
+    k_h, k_w = layer.kernel
+    p_h, p_w = geom.grid
+    patches = p_h * p_w
+    stride_div = 1.0 if paper else float(geom.strides[0] * geom.strides[1])
+
+    g_hat, to_mean, holds_sums = _pool_grad(em, g_y, layer, geom)
+
+    if d_b is not None:
+        # Exact: the window sums already add up to sum(g_y); else reduce g_y itself.
+        source = g_hat if holds_sums else g_y
+        _redirect(em.reduce_sum("bias_sum", source, (0, 2, 3), (c_out,)), d_b)
+
+    if d_w is not None:
+        x_tilde, to_sum = _pool_input(em, x, layer, geom)
+        alpha = to_sum * to_mean / stride_div
+        if cin_g == 1:
+            # Depthwise-like: each output channel meets one input channel; a matmul per
+            # (n, group) would be a 1 x P x 1 GEMM, so multiply and reduce instead.
+            gq = em.reshape("gw_g", g_hat, (n, group, cout_g, patches))
+            xq = em.reshape("gw_x", x_tilde, (n, group, 1, patches))
+            prod = em.op("Mul", "gw_prod", [gq, xq], (n, group, cout_g, patches))
+            per_tap = em.reduce_sum("gw_sum", prod, (0, 3), (group, cout_g))
+            per_tap = em.scale("gw_scaled", per_tap, alpha, (group, cout_g))
+        else:
+            gq = em.reshape("gw_g", g_hat, (n, group, cout_g, patches))
+            xq = em.reshape("gw_x", x_tilde, (n, group, cin_g, patches))
+            # g^ x~^T per sample with the scale folded into alpha, then summed over samples.
+            attrs = {"transA": 0, "transB": 1, "alpha": float(alpha)}
+            prod = em.op("FusedMatMul", "gw_prod", [gq, xq], (n, group, cout_g, cin_g), attrs, _MS_DOMAIN)
+            per_tap = em.reduce_sum("gw_sum", prod, (0,), (group, cout_g, cin_g))
+        column = em.reshape("gw_taps", per_tap, (c_out, cin_g, 1, 1))
+        if (k_h, k_w) == (1, 1):
+            _redirect(column, d_w)
+        else:
+            full = em.op("Expand", "gw_full", [column, em.ints("gw_full_shape", (c_out, cin_g, k_h, k_w))], tuple(w.shape))
+            _redirect(full, d_w)
+
+    if d_x is not None:
+        factor = to_mean / stride_div
+        if geom.spatial:
+            g_hat_x = _spatial_input_grad(em, g_hat, w, layer, geom, factor)
+        else:
+            g_hat_x = _mixed_input_grad(em, g_hat, w, layer, geom, factor)
+        _redirect(_upsample(em, g_hat_x, layer, geom), d_x)
+
+
+def _mixed_input_grad(
+    em: _Emitter, g_hat: gs.Tensor, w: gs.Tensor, layer: ConvLayer, geom: FilterGeometry, factor: float
+) -> gs.Tensor:
+    """W~^T g^ per patch (block-diagonal for groups); N x C_in x p_h x p_w."""
+    n, c_in, _, _ = layer.x_shape
+    c_out, group = layer.y_shape[1], layer.group
+    cin_g, cout_g = c_in // group, c_out // group
+    p_h, p_w = geom.grid
+    patches = p_h * p_w
+    # W~ lives on the weight only (tiny); the 1/r^2 of a sum-pool and 1/(s_h s_w) fold in here.
+    w_sum = em.reduce_sum("w_sum", w, (2, 3), (c_out, cin_g))
+    w_sum = em.scale("w_sum_scaled", w_sum, factor, (c_out, cin_g))
+    out4 = (n, c_in, p_h, p_w)
+    if cin_g == 1 and cout_g == 1:
+        w_col = em.reshape("w_sum_col", w_sum, (c_out, 1, 1))
+        return em.op("Mul", "gx_mix", [g_hat, w_col], out4)
+    if group == 1:
+        w_t = em.op("Transpose", "w_sum_t", [w_sum], (c_in, c_out), {"perm": [1, 0]})
+        flat = em.reshape("gx_g", g_hat, (n, c_out, patches))
+        mixed = em.op("MatMul", "gx_mix", [w_t, flat], (n, c_in, patches))
+    else:
+        w_grp = em.reshape("w_sum_grp", w_sum, (group, cout_g, cin_g))
+        w_t = em.op("Transpose", "w_sum_t", [w_grp], (group, cin_g, cout_g), {"perm": [0, 2, 1]})
+        flat = em.reshape("gx_g", g_hat, (n, group, cout_g, patches))
+        mixed = em.op("MatMul", "gx_mix", [w_t, flat], (n, group, cin_g, patches))
+    return em.reshape("gx_hat", mixed, out4)
+
+
+def _spatial_input_grad(
+    em: _Emitter, g_hat: gs.Tensor, w: gs.Tensor, layer: ConvLayer, geom: FilterGeometry, factor: float
+) -> gs.Tensor:
+    """Data gradient of a stride-1 conv with W at patch resolution (reduced dilation, 'same' pads)."""
+    n, c_in, _, _ = layer.x_shape
+    c_out = layer.y_shape[1]
+    cin_g = c_in // layer.group
+    k_h, k_w = layer.kernel
+    d_h, d_w = geom.reduced_dilations
+    # An axis whose taps all land in one patch (reduced dilation 0) is summed, W~-style.
+    kernel = (k_h if d_h else 1, k_w if d_w else 1)
+    weight: gs.Tensor = w
+    collapse = tuple(axis for axis, d in ((2, d_h), (3, d_w)) if not d)
+    if collapse:
+        weight = em.op(
+            "ReduceSum", "w_taps", [w, em.ints("w_taps_axes", collapse)], (c_out, cin_g, *kernel), {"keepdims": 1}
+        )
+    weight = em.scale("w_scaled", weight, factor, (c_out, cin_g, *kernel))
+    dil = (max(d_h, 1), max(d_w, 1))
+    # 'same' at patch resolution: total pad d*(k-1); the top/left takes the floor.
+    totals = [dil[i] * (kernel[i] - 1) for i in range(2)]
+    pads = [totals[0] // 2, totals[1] // 2, totals[0] - totals[0] // 2, totals[1] - totals[1] // 2]
+    attrs = {
+        "kernel_shape": list(kernel),
+        "dilations": list(dil),
+        "pads": pads,
+        "strides": [1, 1],
+        "group": layer.group,
+    }
+    return em.op("ConvTranspose", "gx_hat", [g_hat, weight], geom.x_pooled_shape, attrs)
+
+
+__all__ = [
+    "REQUIRES",
+    "STAGE",
+    "FilterGeometry",
+    "filter_geometry",
+    "filtered_cost",
+    "retained_input_readers",
+    "run",
+]
