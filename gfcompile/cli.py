@@ -56,9 +56,7 @@ def compile_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--batch-size", type=int, default=None, help="training batch size (default 32)")
     shapes.add_argument("--input-shape", type=_shape, default=None, help="input shape C,H,W (or N,C,H,W)")
     training = parser.add_argument_group("loss and optimizer")
-    training.add_argument(
-        "--loss", choices=("auto", "cross_entropy", "pixel_cross_entropy", "mse"), default="auto"
-    )
+    training.add_argument("--loss", choices=("auto", "cross_entropy", "pixel_cross_entropy", "mse"), default="auto")
     training.add_argument("--ignore-index", type=int, default=255, help="label ignored by pixel cross-entropy")
     training.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
     training.add_argument("--lr", type=float, default=1e-3)

@@ -34,7 +34,6 @@ so no extra pass over a large tensor runs.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -227,7 +226,9 @@ def _forward_conv(graph: gs.Graph, layer: ConvLayer) -> gs.Node:
         matches = [
             n
             for n in graph.nodes
-            if n.op == "Conv" and len(n.inputs) > 1 and (n.inputs[0].name, n.inputs[1].name) == (layer.input, layer.weight)
+            if n.op == "Conv"
+            and len(n.inputs) > 1
+            and (n.inputs[0].name, n.inputs[1].name) == (layer.input, layer.weight)
         ]
     if len(matches) != 1:
         raise ValueError(f"gradient filter: found {len(matches)} forward Conv nodes for conv {layer.node!r}, need 1")
@@ -279,12 +280,12 @@ def _conv_grad(graph: gs.Graph, layer: ConvLayer) -> gs.Node:
             raise ValueError(f"{where}: ConvGrad has {attr}={found}, the plan says {planned}")
     g_y, x, w = node.inputs[:3]
     c_out = layer.y_shape[1]
-    expected = {
-        g_y: layer.y_shape,
-        x: layer.x_shape,
-        w: (c_out, layer.x_shape[1] // layer.group, *layer.kernel),
-    }
-    for tensor, shape in expected.items():
+    expected = (
+        (g_y, layer.y_shape),
+        (x, layer.x_shape),
+        (w, (c_out, layer.x_shape[1] // layer.group, *layer.kernel)),
+    )
+    for tensor, shape in expected:
         if tensor.shape is not None and tuple(tensor.shape) != tuple(shape):
             raise ValueError(f"{where}: tensor {tensor.name!r} has shape {tensor.shape}, the plan says {shape}")
         if tensor.dtype is not None and np.dtype(tensor.dtype) != np.float32:
@@ -359,7 +360,9 @@ def _block_sum(em: _Emitter, name: str, src: gs.Tensor, shape: tuple[int, ...], 
         m = _block_width(p_w)
         blocks = em.reshape(f"{name}_cols", cur, (n * c * p_h * p_w // m, m * b_w))
         ones = np.kron(np.eye(m, dtype=np.float32), np.ones((b_w, 1), dtype=np.float32))
-        cur = em.op("MatMul", f"{name}_wsum", [blocks, em.const(f"{name}_wsum_matrix", ones)], (n * c * p_h * p_w // m, m))
+        cur = em.op(
+            "MatMul", f"{name}_wsum", [blocks, em.const(f"{name}_wsum_matrix", ones)], (n * c * p_h * p_w // m, m)
+        )
     return em.reshape(name, cur, (n, c, p_h, p_w))
 
 
@@ -512,7 +515,12 @@ def _rewrite(graph: gs.Graph, layer: ConvLayer, geom: FilterGeometry, conv_grad:
         if (k_h, k_w) == (1, 1):
             _redirect(column, d_w)
         else:
-            full = em.op("Expand", "gw_full", [column, em.ints("gw_full_shape", (c_out, cin_g, k_h, k_w))], tuple(w.shape))
+            full = em.op(
+                "Expand",
+                "gw_full",
+                [column, em.ints("gw_full_shape", (c_out, cin_g, k_h, k_w))],
+                (c_out, cin_g, k_h, k_w),
+            )
             _redirect(full, d_w)
 
     if d_x is not None:

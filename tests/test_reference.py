@@ -31,6 +31,7 @@ from tests.reference.gradient_filter_numpy import (  # noqa: E402
     filter_geometry,
     gradient_filter_backward,
     mean_pool_grad,
+    reduced_dilations,
     sum_pool_input,
     upsample_grad,
 )
@@ -77,9 +78,7 @@ def torch_filtered_backward(
     xt = torch.tensor(x, dtype=dtype, requires_grad=True)
     wt = torch.tensor(W, dtype=dtype, requires_grad=True)
     bt = torch.zeros(W.shape[0], dtype=dtype, requires_grad=True)
-    y = GradientFilterConv2dFunction.apply(
-        xt, wt, bt, strides, pads, dilations, group, r, paper_stride_scaling
-    )
+    y = GradientFilterConv2dFunction.apply(xt, wt, bt, strides, pads, dilations, group, r, paper_stride_scaling)
     y.backward(torch.tensor(g_y, dtype=dtype))
     return xt.grad.double().numpy(), wt.grad.double().numpy(), bt.grad.double().numpy()
 
@@ -88,9 +87,7 @@ def conv_out(size: int, k: int, s: int, pad_total: int, d: int) -> int:
     return (size + pad_total - d * (k - 1) - 1) // s + 1
 
 
-def same_upper_pads(
-    hw: tuple[int, int], k: int, s: int, d: int
-) -> tuple[int, int, int, int]:
+def same_upper_pads(hw: tuple[int, int], k: int, s: int, d: int) -> tuple[int, int, int, int]:
     """ONNX SAME_UPPER pads: output ceil(size / s), the extra pixel at the end."""
     tot = [max((-(-n // s) - 1) * s + d * (k - 1) + 1 - n, 0) for n in hw]
     return (tot[0] // 2, tot[1] // 2, tot[0] - tot[0] // 2, tot[1] - tot[1] // 2)
@@ -110,9 +107,7 @@ def random_case(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     x = rng.standard_normal((n, c_in) + hw)
     W = rng.standard_normal((c_out, c_in // group, k, k))
-    y_hw = tuple(
-        conv_out(hw[a], k, strides[a], pads[a] + pads[a + 2], dilations[a]) for a in (0, 1)
-    )
+    y_hw = tuple(conv_out(hw[a], k, strides[a], pads[a] + pads[a + 2], dilations[a]) for a in (0, 1))
     g_y = rng.standard_normal((n, c_out) + y_hw)
     return x, W, g_y
 
@@ -161,9 +156,7 @@ def test_1x1_equals_exact_backward_of_upsampled_gradient(size: int, r: int) -> N
     assert_close(gW, eW, 1e-12)
 
     # Idempotence of the filter (needs the in-image-only mean for non-divisible sizes).
-    gx2, gW2, _ = gradient_filter_backward(
-        x, W, g_patchwise, (1, 1), (0,) * 4, (1, 1), 1, r
-    )
+    gx2, gW2, _ = gradient_filter_backward(x, W, g_patchwise, (1, 1), (0,) * 4, (1, 1), 1, r)
     assert_close(gx2, gx, 1e-12)
     assert_close(gW2, gW, 1e-12)
 
@@ -199,6 +192,35 @@ def test_r1_dilated_same_conv_grad_x_equals_exact(k: int, d: int) -> None:
     gx, _, _ = gradient_filter_backward(x, W, g_y, (1, 1), pads, (d, d), 2, r=1)
     ex, _, _ = exact_backward(x, W, g_y, (1, 1), pads, (d, d), 2)
     assert_close(gx, ex, 1e-12)
+
+
+@pytest.mark.parametrize(
+    "dilations,r,want",
+    [
+        ((1, 1), 1, (0, 0)),  # undilated: always the summed-tap W~ form, even at r = 1
+        ((1, 1), 4, (0, 0)),
+        ((2, 2), 4, (0, 0)),  # d < r: taps fall into one patch -> W~ form
+        ((2, 2), 1, (2, 2)),
+        ((3, 3), 2, (1, 1)),
+        ((12, 12), 2, (6, 6)),  # DeepLabV3 ASPP
+        ((12, 2), 3, (4, 0)),
+    ],
+)
+def test_reduced_dilations(dilations: tuple[int, int], r: int, want: tuple[int, int]) -> None:
+    assert reduced_dilations(dilations, r) == want
+
+
+def test_r1_undilated_kxk_uses_summed_taps() -> None:
+    # For d = 1 the paper's grad_x is W~^T g even at r = 1 (x~ = x, g^ = g), i.e. NOT
+    # the exact k x k data gradient: it equals the exact backward of a 1x1 conv with W~.
+    rng = np.random.default_rng(5)
+    pads = (1, 1, 1, 1)
+    x, W, g_y = random_case(rng, 2, 4, 6, (9, 11), 3, (1, 1), pads, (1, 1), 2)
+    gx, gW, _ = gradient_filter_backward(x, W, g_y, (1, 1), pads, (1, 1), 2, r=1)
+    W_tilde = W.sum(axis=(2, 3), keepdims=True)
+    ex, eW, _ = exact_backward(x, W_tilde, g_y, (1, 1), (0,) * 4, (1, 1), 2)
+    assert_close(gx, ex, 1e-12)
+    assert_close(gW, np.broadcast_to(eW, gW.shape), 1e-12)
 
 
 # ---------------------------------------------------------------------------------
@@ -261,9 +283,7 @@ def test_hand_example_same_3x3_r2() -> None:
     geom = filter_geometry(x.shape, g_y.shape, (1, 1), 2)
     assert (geom["p_h"], geom["R_h"], geom["px_h"], geom["pg_h"]) == (2, 2, 0, 0)
     np.testing.assert_array_equal(sum_pool_input(x, geom)[0, 0], [[10, 18], [42, 50]])
-    np.testing.assert_array_equal(
-        mean_pool_grad(g_y, geom)[0, 0], [[2.5, 4.5], [10.5, 12.5]]
-    )
+    np.testing.assert_array_equal(mean_pool_grad(g_y, geom)[0, 0], [[2.5, 4.5], [10.5, 12.5]])
     gx, gW, gb = gradient_filter_backward(x, W, g_y, (1, 1), (1,) * 4, (1, 1), 1, 2)
     top, bottom = [90, 90, 162, 162], [378, 378, 450, 450]
     np.testing.assert_array_equal(gx[0, 0], [top, top, bottom, bottom])
@@ -293,9 +313,7 @@ def test_hand_example_stride2_negative_pad() -> None:
     np.testing.assert_array_equal(gx[0, 0], want_x)
     np.testing.assert_array_equal(gW, np.full((1, 1, 3, 3), 175.0))
     np.testing.assert_array_equal(gb, [10.0])
-    px, pW, _ = gradient_filter_backward(
-        x, W, g_y, (2, 2), (0,) * 4, (1, 1), 1, 2, paper_stride_scaling=True
-    )
+    px, pW, _ = gradient_filter_backward(x, W, g_y, (2, 2), (0,) * 4, (1, 1), 1, 2, paper_stride_scaling=True)
     np.testing.assert_array_equal(px[0, 0], 4 * want_x)
     np.testing.assert_array_equal(pW, np.full((1, 1, 3, 3), 700.0))
 
@@ -353,18 +371,12 @@ def _check_torch_vs_numpy(
             assert_close(a, b, 1e-10)
 
 
-GRID = list(
-    itertools.product(
-        [1, 3, 5, 7], [1, 2], list(GROUPINGS), ["same", "valid"], [7, 13, 15]
-    )
-)
+GRID = list(itertools.product([1, 3, 5, 7], [1, 2], list(GROUPINGS), ["same", "valid"], [7, 13, 15]))
 
 
 @pytest.mark.parametrize("r", [1, 2, 3, 4, 7, 8])
 @pytest.mark.parametrize("k,stride,grouping,padding,size", GRID)
-def test_torch_matches_numpy(
-    k: int, stride: int, grouping: str, padding: str, size: int, r: int
-) -> None:
+def test_torch_matches_numpy(k: int, stride: int, grouping: str, padding: str, size: int, r: int) -> None:
     hw = (size, OTHER_SIDE[size])
     _check_torch_vs_numpy(k * 1000 + size * 10 + r, hw, k, stride, grouping, padding, 1, r)
 
@@ -400,9 +412,7 @@ def test_torch_float32_matches_numpy_within_1e5() -> None:
     pads = (1, 1, 1, 1)
     x, W, g_y = random_case(rng, 2, 8, 8, (15, 13), 3, (2, 2), pads, (1, 1), 2)
     want = gradient_filter_backward(x, W, g_y, (2, 2), pads, (1, 1), 2, 3)
-    got = torch_filtered_backward(
-        x, W, g_y, (2, 2), pads, (1, 1), 2, 3, dtype=torch.float32
-    )
+    got = torch_filtered_backward(x, W, g_y, (2, 2), pads, (1, 1), 2, 3, dtype=torch.float32)
     for a, b in zip(got, want, strict=True):
         assert_close(a, b, 1e-5)
 
@@ -559,7 +569,7 @@ def test_module_saves_only_pooled_input() -> None:
 @pytest.mark.parametrize(
     "kwargs",
     [
-        {"padding": "same", "kernel_size": 4, "dilation": 2},  # asymmetric pads
+        {"padding": "same", "kernel_size": 4, "dilation": 3},  # pads 4 before, 5 after
         {"padding": 1, "kernel_size": 3, "stride": 2, "groups": 2},
         {"padding": "valid", "kernel_size": 3, "bias": False},
     ],

@@ -37,9 +37,7 @@ def _ceil_div(a: int, b: int) -> int:
     return -((-a) // b)
 
 
-def filter_geometry(
-    x_shape: Sequence[int], y_shape: Sequence[int], strides: Sequence[int], r: int
-) -> dict[str, int]:
+def filter_geometry(x_shape: Sequence[int], y_shape: Sequence[int], strides: Sequence[int], r: int) -> dict[str, int]:
     """Patch geometry of one filtered conv; only the last two dims of the shapes are used.
 
     Returns p_h, p_w, R_h, R_w, px_h, px_w, pg_h, pg_w as in the module docstring, plus
@@ -91,9 +89,7 @@ def _window(a: np.ndarray, axis: int, start: int, length: int) -> np.ndarray:
     return out
 
 
-def _window2d(
-    a: np.ndarray, start_h: int, len_h: int, start_w: int, len_w: int
-) -> np.ndarray:
+def _window2d(a: np.ndarray, start_h: int, len_h: int, start_w: int, len_w: int) -> np.ndarray:
     return _window(_window(a, 2, start_h, len_h), 3, start_w, len_w)
 
 
@@ -131,9 +127,7 @@ def mean_pool_grad(g_y: np.ndarray, geom: dict[str, int]) -> np.ndarray:
     return sums / counts
 
 
-def upsample_crop(
-    a: np.ndarray, block_h: int, block_w: int, top: int, left: int, out_h: int, out_w: int
-) -> np.ndarray:
+def upsample_crop(a: np.ndarray, block_h: int, block_w: int, top: int, left: int, out_h: int, out_w: int) -> np.ndarray:
     """Nearest-upsample each pixel of `a` into a block_h x block_w block, then keep rows
     [top, top + out_h) and cols [left, left + out_w) of the result (zeros outside it).
     """
@@ -144,9 +138,7 @@ def upsample_crop(
 def upsample_grad(g_hat: np.ndarray, geom: dict[str, int]) -> np.ndarray:
     """g^ broadcast back onto the H_y x W_y output grid (inverse layout of mean_pool_grad)."""
     r = geom["r"]
-    return upsample_crop(
-        g_hat, r, r, geom["pg_h"], geom["pg_w"], geom["H_y"], geom["W_y"]
-    )
+    return upsample_crop(g_hat, r, r, geom["pg_h"], geom["pg_w"], geom["H_y"], geom["W_y"])
 
 
 def _mix_to_input(w_mat: np.ndarray, g: np.ndarray, group: int) -> np.ndarray:
@@ -175,9 +167,7 @@ def reduced_dilations(dilations: Sequence[int], r: int) -> tuple[int, int]:
     return (d_h // r if d_h > 1 else 0, d_w // r if d_w > 1 else 0)
 
 
-def _filtered_input_grad(
-    W: np.ndarray, g_hat: np.ndarray, group: int, dil: tuple[int, int]
-) -> np.ndarray:
+def _filtered_input_grad(W: np.ndarray, g_hat: np.ndarray, group: int, dil: tuple[int, int]) -> np.ndarray:
     """g^x at patch resolution: W~^T g^ (1x1 form) or the dilated transposed conv."""
     if dil == (0, 0):
         return _mix_to_input(W.sum(axis=(2, 3)), g_hat, group)
@@ -249,9 +239,7 @@ def gradient_filter_backward(
     g_hat = mean_pool_grad(g_y, geom)
 
     g_hat_x = _filtered_input_grad(W, g_hat, group, reduced_dilations(dilations, r))
-    grad_x = upsample_crop(
-        g_hat_x, geom["R_h"], geom["R_w"], geom["px_h"], geom["px_w"], H_x, W_x
-    )
+    grad_x = upsample_crop(g_hat_x, geom["R_h"], geom["R_w"], geom["px_h"], geom["px_w"], H_x, W_x)
     grad_x /= scale
 
     # One C_out x C_in/g value per (co, ci), shared by every tap (u, v).

@@ -37,9 +37,7 @@ def _cover(a: torch.Tensor, top: int, len_h: int, left: int, len_w: int) -> torc
 def sum_pool_input(x: torch.Tensor, geom: dict[str, int]) -> torch.Tensor:
     """x~ = SUM-pool of x over R x R windows with top/left pad px (crop if negative)."""
     R_h, R_w = geom["R_h"], geom["R_w"]
-    covered = _cover(
-        x, -geom["px_h"], geom["p_h"] * R_h, -geom["px_w"], geom["p_w"] * R_w
-    )
+    covered = _cover(x, -geom["px_h"], geom["p_h"] * R_h, -geom["px_w"], geom["p_w"] * R_w)
     return _block_sum(covered, R_h, R_w)
 
 
@@ -72,14 +70,10 @@ def _mix_to_input(w_mat: torch.Tensor, g: torch.Tensor, group: int) -> torch.Ten
     n, _, h, w = g.shape
     w_grp = w_mat.reshape(group, c_out // group, cin_g)
     g_grp = g.reshape(n, group, c_out // group, h, w)
-    return torch.einsum("goc,ngohw->ngchw", w_grp, g_grp).reshape(
-        n, group * cin_g, h, w
-    )
+    return torch.einsum("goc,ngohw->ngchw", w_grp, g_grp).reshape(n, group * cin_g, h, w)
 
 
-def _filtered_input_grad(
-    weight: torch.Tensor, g_hat: torch.Tensor, group: int, dil: tuple[int, int]
-) -> torch.Tensor:
+def _filtered_input_grad(weight: torch.Tensor, g_hat: torch.Tensor, group: int, dil: tuple[int, int]) -> torch.Tensor:
     if dil == (0, 0):
         return _mix_to_input(weight.sum(dim=(2, 3)), g_hat, group)
     # Dilated form: transposed conv at patch resolution. An axis with reduced dilation
@@ -210,9 +204,7 @@ class GradientFilterConv2d(nn.Module):
         self.paper_stride_scaling = bool(paper_stride_scaling)
 
     @classmethod
-    def from_conv(
-        cls, conv: nn.Conv2d, r: int, paper_stride_scaling: bool = False
-    ) -> GradientFilterConv2d:
+    def from_conv(cls, conv: nn.Conv2d, r: int, paper_stride_scaling: bool = False) -> GradientFilterConv2d:
         return cls(
             conv.weight,
             conv.bias,
@@ -247,9 +239,7 @@ class GradientFilterConv2d(nn.Module):
         )
 
 
-def replace_last_convs(
-    model: nn.Module, n: int, r: int, paper_stride_scaling: bool = False
-) -> list[str]:
+def replace_last_convs(model: nn.Module, n: int, r: int, paper_stride_scaling: bool = False) -> list[str]:
     """Swap the last n nn.Conv2d of `model` (registration order) for filtered ones.
 
     Works in place and returns the qualified names of the replaced modules, first to
