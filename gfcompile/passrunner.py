@@ -22,7 +22,10 @@ def run_passes(passes: Sequence[ModuleType], model: onnx.ModelProto, plan: Plan,
         if stage != module.STAGE:
             raise GfError(f"internal: pass {pass_name(module)} is a {module.STAGE} pass, run in the {stage} stage")
         _check_requirements(module, model)
-        graph = module.run(gs.import_onnx(model), plan)
+        try:
+            graph = module.run(gs.import_onnx(model), plan)
+        except ValueError as exc:  # passes refuse configurations they cannot rewrite with ValueError
+            raise GfError(f"{pass_name(module)}: {exc}") from None
         graph.cleanup().toposort()
         model = _export_like(graph, model)
     return model

@@ -8,7 +8,7 @@ from pathlib import Path
 import onnx
 import onnxruntime
 
-from passes import bn_eval_affine, cleanup, frozen_bn_fold
+from passes import bn_eval_affine, cleanup, frozen_bn_fold, gradient_filter
 from passes.base import Plan
 
 from . import __version__
@@ -24,9 +24,10 @@ from .output import (
 )
 from .passrunner import pass_name, run_passes
 from .planning import select_layers
+from .summary import format_table, layer_costs, totals
 
 FORWARD_PASSES = (frozen_bn_fold, bn_eval_affine, cleanup)
-TRAINING_PASSES: tuple = ()
+TRAINING_PASSES = (gradient_filter,)
 
 Reporter = Callable[[str], None]
 
@@ -39,22 +40,26 @@ def compile_model(model_path: Path, config: CompileConfig, report: Reporter = pr
     model = pin_shapes(model, config)
     plan = select_layers(model, config)
     report(describe_plan(plan))
+    costs = layer_costs(plan)
+    report(format_table(costs))
     forward = run_passes(FORWARD_PASSES, model, plan, stage="forward")
     with staging_directory(config.output_dir) as staging:
         report("building the backward graph with onnxruntime-training ...")
         train = build_backward(forward, plan, config, staging)
         train.training = run_passes(TRAINING_PASSES, train.training, plan, stage="training")
-        write_artifacts(train, plan, config, model_path)
+        write_artifacts(train, plan, config, model_path, costs)
         publish(staging, config.output_dir)
     report(f"wrote {config.output_dir}")
     return config.output_dir
 
 
-def write_artifacts(train: TrainingModels, plan: Plan, config: CompileConfig, source: Path) -> None:
+def write_artifacts(train: TrainingModels, plan: Plan, config: CompileConfig, source: Path, costs: list[dict]) -> None:
     save_model(train.training, train.directory / "training_model.onnx")
     save_model(train.eval, train.directory / "eval_model.onnx")
     save_model(train.optimizer, train.directory / "optimizer_model.onnx")
-    write_manifest(train.directory, build_manifest(train, plan, config, source))
+    manifest = build_manifest(train, plan, config, source)
+    manifest["layers"] = {"rows": costs, "totals": totals(costs)}
+    write_manifest(train.directory, manifest)
 
 
 def build_manifest(train: TrainingModels, plan: Plan, config: CompileConfig, source: Path) -> dict:
@@ -95,7 +100,7 @@ def build_manifest(train: TrainingModels, plan: Plan, config: CompileConfig, sou
             "execution_order": "DEFAULT",
             "enable_cpu_mem_arena": True,
         },
-        "preprocess": _json_or_none(metadata.get("preprocess")),
+        "preprocess": _json_or_none(metadata.get("preprocessing")),
         "metadata": metadata,
     }
 

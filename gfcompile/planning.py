@@ -129,7 +129,8 @@ def select_layers(model: onnx.ModelProto, config: CompileConfig) -> Plan:
         if r > max(layer.y_shape[2:]):
             raise GfError(
                 f"patch size {r} is larger than conv {layer.node!r}'s output "
-                f"{layer.y_shape[2]}x{layer.y_shape[3]}; use a smaller --patch-size"
+                f"{layer.y_shape[2]}x{layer.y_shape[3]}; use a smaller --patch-size, or give this layer "
+                f"its own r with --patch-size-map (keys: conv node or weight names, e.g. {layer.weight!r})"
             )
     unknown = set(config.patch_size_map) - {
         key for layer in filtered for key in (layer.node, layer.weight, layer.weight.rsplit(".", 1)[0])

@@ -206,7 +206,5 @@ def deeplabv3_resnet18(num_classes: int = 21, in_channels: int = 3, upsample: Up
     """Build a randomly initialised DeepLabV3-ResNet-18 (output stride 8)."""
     if upsample not in ("matmul", "resize"):
         raise ValueError(f"upsample must be 'matmul' or 'resize', got {upsample!r}")
-    backbone = ResNetBackbone(
-        resnet18(in_channels=in_channels, replace_stride_with_dilation=[False, True, True])
-    )
+    backbone = ResNetBackbone(resnet18(in_channels=in_channels, replace_stride_with_dilation=[False, True, True]))
     return DeepLabV3(backbone, DeepLabHead(512, num_classes, upsample=upsample), upsample=upsample)

@@ -49,15 +49,37 @@ def _subset(x: np.ndarray, y: np.ndarray, classes: list[int]) -> tuple[np.ndarra
     return x[keep], y[keep]
 
 
-def _shift_augment(x: torch.Tensor, gen: torch.Generator, max_shift: int = 2) -> torch.Tensor:
-    """Random translation by up to `max_shift` pixels (zero fill after normalising to the
-    background level): the upscaled digits are centred, so this is the one cheap
-    augmentation that clearly helps a from-scratch net on ~700 images."""
+def _shift_augment(x: torch.Tensor, gen: torch.Generator, max_shift: int = 1) -> torch.Tensor:
+    """Random translation by up to `max_shift` pixels, filled with the background level.
+
+    The digits are centred, so a small shift is a cheap augmentation that helps
+    a from-scratch net on ~700 images (larger shifts slowed convergence).
+    """
     n, _, h, w = x.shape
     pad = nn.functional.pad(x, (max_shift,) * 4, value=float(x.min()))
     dy = torch.randint(0, 2 * max_shift + 1, (n,), generator=gen)
     dx = torch.randint(0, 2 * max_shift + 1, (n,), generator=gen)
     return torch.stack([pad[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)])
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, x: torch.Tensor, batch_size: int = 64) -> None:
+    """Replace BN running statistics by exact averages over the clean training set.
+
+    Running averages collected during training lag behind the weights and see
+    augmented batches of 16; on this small set re-estimating them once at the
+    end raised held-out eval-mode accuracy by a few points.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative moving average = plain mean over batches
+    model.train()
+    for start in range(0, len(x), batch_size):
+        model(x[start : start + batch_size])
+    for bn in bns:
+        bn.momentum = 0.1  # back to the PyTorch default for later fine-tuning
+    model.eval()
 
 
 @torch.no_grad()
@@ -71,8 +93,8 @@ def train(
     x_train: np.ndarray,
     y_train: np.ndarray,
     epochs: int,
-    batch_size: int = 32,
-    lr: float = 3e-3,
+    batch_size: int = 16,
+    lr: float = 2e-3,
 ) -> nn.Module:
     torch.manual_seed(SEED)
     gen = torch.Generator().manual_seed(SEED)
@@ -81,8 +103,9 @@ def train(
     yt = torch.from_numpy(y_train)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     steps = epochs * ((len(xt) + batch_size - 1) // batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.2)
     loss_fn = nn.CrossEntropyLoss()
+    t0 = time.time()
     for epoch in range(epochs):
         model.train()
         perm = torch.randperm(len(xt), generator=gen)
@@ -97,18 +120,22 @@ def train(
             loss.backward()
             opt.step()
             sched.step()
-            total += float(loss) * len(idx)
-        print(f"epoch {epoch + 1:2d}/{epochs}  loss {total / len(xt):.4f}", flush=True)
+            total += float(loss.detach()) * len(idx)
+        print(f"epoch {epoch + 1:2d}/{epochs}  loss {total / len(xt):.4f}  ({time.time() - t0:.0f}s)", flush=True)
+    recalibrate_bn(model, xt)
     return model.eval()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m models.pretrain_digits", description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--epochs", type=int, default=30)
     args = parser.parse_args(argv)
 
     t0 = time.time()
     torch.set_num_threads(2)  # fixed thread count: float reductions stay reproducible
+    # Adam's second-moment estimates of tiny gradients become denormal floats,
+    # which made sqrt() dominate the step time on x86 (seconds per step).
+    torch.set_flush_denormal(True)
     x, y = load_digits_32()
     x_tr, y_tr, x_te, y_te = stratified_split(x, y, test_fraction=0.25, seed=SEED)
     x_tr04, y_tr04 = _subset(x_tr, y_tr, PRETRAIN_CLASSES)

@@ -52,6 +52,13 @@ def load_manifest(artifacts: Path, verify: bool = True) -> dict:
     return manifest
 
 
+def ort_quiet() -> None:
+    """ORT warns about graph transformers it could not apply; that is noise on a device log."""
+    import onnxruntime as ort
+
+    ort.set_default_logger_severity(3)
+
+
 def session_options(manifest: dict):
     """The ORT session options the compiler asked for (execution order matters for row tiling)."""
     import onnxruntime as ort
@@ -78,6 +85,7 @@ class Trainer:
     """One compiled model, its checkpoint state and its optimizer."""
 
     def __init__(self, artifacts: Path, checkpoint: Path | None = None, lr: float | None = None):
+        ort_quiet()
         self.artifacts = Path(artifacts)
         self.manifest = load_manifest(self.artifacts)
         api = training_api()

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import copy
 import itertools
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,13 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-# `tests` has no __init__.py, so pytest's default import mode puts tests/ (not the repo
-# root) on sys.path; make `tests.reference` importable however pytest is launched.
-_ROOT = str(Path(__file__).resolve().parents[1])
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
-
-from tests.reference.gradient_filter_numpy import (  # noqa: E402
+from tests.reference.gradient_filter_numpy import (
     filter_geometry,
     gradient_filter_backward,
     mean_pool_grad,
@@ -35,7 +27,7 @@ from tests.reference.gradient_filter_numpy import (  # noqa: E402
     sum_pool_input,
     upsample_grad,
 )
-from tests.reference.gradient_filter_torch import (  # noqa: E402
+from tests.reference.gradient_filter_torch import (
     GradientFilterConv2d,
     GradientFilterConv2dFunction,
     replace_last_convs,
@@ -364,18 +356,30 @@ def _check_torch_vs_numpy(
         pytest.skip("kernel larger than the input")
     rng = np.random.default_rng(seed)
     x, W, g_y = random_case(rng, 2, c_in, c_out, hw, k, strides, pads, dils, group)
-    for paper in (False, True):
+    # The paper-scaling variant is only a different constant; checking it once per
+    # patch size keeps the grid fast.
+    for paper in (False, True) if r == 2 else (False,):
         want = gradient_filter_backward(x, W, g_y, strides, pads, dils, group, r, paper)
         got = torch_filtered_backward(x, W, g_y, strides, pads, dils, group, r, paper)
         for a, b in zip(got, want, strict=True):
             assert_close(a, b, 1e-10)
 
 
-GRID = list(itertools.product([1, 3, 5, 7], [1, 2], list(GROUPINGS), ["same", "valid"], [7, 13, 15]))
+SIZES = (7, 13, 15)
+R_VALUES = (1, 2, 3, 4, 7, 8)
+# Every (k, stride, grouping, padding) combination meets every r once and every size
+# twice (the size rotates with r), which is 288 cases instead of the 864 of the full
+# product, and every pair of factor values still occurs.
+GRID = [
+    (k, stride, grouping, padding, SIZES[(c + j) % len(SIZES)], r)
+    for c, (k, stride, grouping, padding) in enumerate(
+        itertools.product([1, 3, 5, 7], [1, 2], list(GROUPINGS), ["same", "valid"])
+    )
+    for j, r in enumerate(R_VALUES)
+]
 
 
-@pytest.mark.parametrize("r", [1, 2, 3, 4, 7, 8])
-@pytest.mark.parametrize("k,stride,grouping,padding,size", GRID)
+@pytest.mark.parametrize("k,stride,grouping,padding,size,r", GRID)
 def test_torch_matches_numpy(k: int, stride: int, grouping: str, padding: str, size: int, r: int) -> None:
     hw = (size, OTHER_SIDE[size])
     _check_torch_vs_numpy(k * 1000 + size * 10 + r, hw, k, stride, grouping, padding, 1, r)
@@ -569,7 +573,11 @@ def test_module_saves_only_pooled_input() -> None:
 @pytest.mark.parametrize(
     "kwargs",
     [
-        {"padding": "same", "kernel_size": 4, "dilation": 3},  # pads 4 before, 5 after
+        pytest.param(
+            {"padding": "same", "kernel_size": 4, "dilation": 3},  # pads 4 before, 5 after
+            # torch's own note that it pads a copy of x for asymmetric 'same'; expected.
+            marks=pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning"),
+        ),
         {"padding": 1, "kernel_size": 3, "stride": 2, "groups": 2},
         {"padding": "valid", "kernel_size": 3, "bias": False},
     ],
