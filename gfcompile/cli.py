@@ -51,7 +51,13 @@ def compile_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="omit the 1/(s_h*s_w) factor of strided filtered layers, as the paper's reference code does",
     )
-    layers.add_argument("--bn-mode", choices=("eval", "train"), default="eval", help="BatchNorm during training")
+    layers.add_argument(
+        "--bn-mode",
+        choices=("eval", "train", "frozen"),
+        default="eval",
+        help="BatchNorm of trainable layers: eval (frozen statistics, affine trains; default), "
+        "train (batch statistics), frozen (nothing trains; its backward keeps no activations)",
+    )
     shapes = parser.add_argument_group("static shapes")
     shapes.add_argument("--batch-size", type=int, default=None, help="training batch size (default 32)")
     shapes.add_argument("--input-shape", type=_shape, default=None, help="input shape C,H,W (or N,C,H,W)")

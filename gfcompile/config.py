@@ -19,7 +19,7 @@ class CompileConfig:
     paper_stride_scaling: bool = False
     batch_size: int | None = None
     input_shape: tuple[int, ...] | None = None
-    bn_mode: Literal["eval", "train"] = "eval"
+    bn_mode: Literal["eval", "train", "frozen"] = "eval"
     loss: LossName = "auto"
     ignore_index: int = 255
     optimizer: OptimizerName = "adamw"

@@ -147,10 +147,11 @@ def select_layers(model: onnx.ModelProto, config: CompileConfig) -> Plan:
     for position, node in enumerate(nodes):
         slots = PARAMETER_INPUTS.get(node.op_type, ())
         if node.op_type == "BatchNormalization":
-            # BN follows its conv's fate; its running statistics never train.
+            # BN follows its conv's fate (unless --bn-mode frozen); its running statistics never train.
             frozen_params += [node.input[i] for i in BN_STATISTICS_INPUTS if node.input[i] in initializers]
-            in_trainable_part = node.name in trainable_bns or (
-                position > first_trainable and not _follows_frozen_conv(node, layers, trainable)
+            in_trainable_part = config.bn_mode != "frozen" and (
+                node.name in trainable_bns
+                or (position > first_trainable and not _follows_frozen_conv(node, layers, trainable))
             )
         else:
             in_trainable_part = position >= first_trainable

@@ -64,7 +64,7 @@ class Plan:
     filtered: dict[str, int] = field(default_factory=dict)
     trainable_params: list[str] = field(default_factory=list)
     frozen_params: list[str] = field(default_factory=list)
-    bn_mode: Literal["eval", "train"] = "eval"
+    bn_mode: Literal["eval", "train", "frozen"] = "eval"
     paper_stride_scaling: bool = False
     row_tiles: int = 0
 

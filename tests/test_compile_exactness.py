@@ -103,3 +103,30 @@ def test_frozen_prefix_has_no_batchnorm_and_no_gradients(tmp_path: Path) -> None
     frozen = trainer.manifest["plan"]["frozen_params"]
     assert frozen and all(not trainer.state.parameters[name].requires_grad for name in frozen)
     assert all(trainer.state.parameters[name].requires_grad for name in trainer.manifest["plan"]["trainable_params"])
+
+
+@pytest.mark.parametrize("bn_mode", ["frozen", "train"])
+def test_bn_modes_match_autograd(tmp_path: Path, bn_mode: str) -> None:
+    case = ZOO_CASES["resnet18"]
+    model, onnx_path = export_case(case, tmp_path)
+    config = CompileConfig(train_layers=2, batch_size=4, bn_mode=bn_mode, output_dir=tmp_path / "artifacts")
+    trainer = Trainer(compile_model(onnx_path, config, report=lambda message: None))
+    trainable = trainer.manifest["plan"]["trainable_params"]
+    bn_params = [name for name in trainable if ".bn" in name]
+    assert bool(bn_params) == (bn_mode == "train")
+    x, y = make_batch(case, 4, 10)
+    if bn_mode == "train":
+        # Batch statistics in the trainable layers only, as ORT trains them.
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.BatchNorm2d) and f"{name}.weight" in trainable:
+                module.train()
+                module.momentum = 0.0  # keep running statistics fixed, as the frozen checkpoint does
+    named = dict(model.named_parameters())
+    for name, parameter in named.items():
+        parameter.requires_grad_(name in trainable)
+    loss = torch.nn.functional.cross_entropy(model(torch.from_numpy(x)), torch.from_numpy(y))
+    loss.backward()
+    trainer.module.train()
+    assert abs(float(trainer.module(x, y)[0]) - float(loss.detach())) <= 1e-4 * max(1.0, float(loss.detach()))
+    for name in trainable:
+        assert relative_error(trainer.state.parameters[name].grad, named[name].grad.numpy()) <= 1e-4, name
