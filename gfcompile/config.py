@@ -27,6 +27,8 @@ class CompileConfig:
     momentum: float = 0.9
     weight_decay: float = 0.0
     row_tiles: int = 0
+    row_strategy: Literal["overl", "2ps"] = "overl"
+    memory_budget_mb: float | None = None
     output_dir: Path = Path("artifacts")
     force: bool = False
 

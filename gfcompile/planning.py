@@ -172,6 +172,7 @@ def select_layers(model: onnx.ModelProto, config: CompileConfig) -> Plan:
         bn_mode=config.bn_mode,
         paper_stride_scaling=config.paper_stride_scaling,
         row_tiles=config.row_tiles,
+        row_strategy=config.row_strategy,
     )
 
 

@@ -67,6 +67,7 @@ class Plan:
     bn_mode: Literal["eval", "train", "frozen"] = "eval"
     paper_stride_scaling: bool = False
     row_tiles: int = 0
+    row_strategy: Literal["overl", "2ps"] = "overl"
 
     def conv(self, node_name: str) -> ConvLayer:
         for layer in self.convs:
