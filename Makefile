@@ -15,7 +15,7 @@ setup: $(BIN)/gfcompile
 
 # Compile the bundled pretrained model (digits 0-4) and fine-tune it on digits 5-9.
 demo: setup
-	$(BIN)/gfcompile models/zoo/mobilenetv2_digits.onnx --filter-layers 4 --batch-size 32 -o out/ --force
+	$(BIN)/gfcompile models/zoo/mobilenetv2_digits.onnx --filter-layers 4 --batch-size 32 --lr 0.003 -o out/ --force
 	$(BIN)/gfcompile train out/ --data models/data/digits_5to9_train.npz \
 		--eval-data models/data/digits_5to9_test.npz --steps 50
 

@@ -28,12 +28,12 @@ _ENTRIES: dict[str, tuple[str, str]] = {
 
 
 def _lazy(module: str, attr: str) -> Callable[..., nn.Module]:
-    def factory(**kwargs: Any) -> nn.Module:
-        return getattr(importlib.import_module(module), attr)(**kwargs)
+    def factory(*args: Any, **kwargs: Any) -> nn.Module:
+        return getattr(importlib.import_module(module), attr)(*args, **kwargs)
 
     factory.__name__ = attr
     factory.__qualname__ = attr
-    factory.__doc__ = f"Lazily imports {module} and calls {attr}(**kwargs)."
+    factory.__doc__ = f"Lazily imports {module} and calls {attr}(*args, **kwargs)."
     return factory
 
 

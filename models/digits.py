@@ -26,7 +26,7 @@ __all__ = [
     "stratified_split",
 ]
 
-IMAGE_SIZE = 32
+IMAGE_SIZE = 32  # load_digits_32; the bundled demo uses 64 (models.pretrain_digits --size)
 
 # Mean / std of x/255 over all 1797 images and all 32x32 pixels of
 # load_digits_32() (every class), computed once in float64 with
@@ -70,7 +70,12 @@ def resize_bilinear(images: np.ndarray, size: int) -> np.ndarray:
 
 
 def load_digits_32(classes: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Return (x, y): x uint8 (N, 1, 32, 32) in 0..255, y int64 original labels.
+    """`load_digits_images` at 32x32."""
+    return load_digits_images(classes, size=32)
+
+
+def load_digits_images(classes: Sequence[int] | None = None, size: int = IMAGE_SIZE) -> tuple[np.ndarray, np.ndarray]:
+    """Return (x, y): x uint8 (N, 1, size, size) in 0..255, y int64 original labels.
 
     `classes` keeps only those labels (original values, not re-indexed), in
     the data set's original order.
@@ -87,7 +92,7 @@ def load_digits_32(classes: Sequence[int] | None = None) -> tuple[np.ndarray, np
             raise ValueError(f"digit classes must be in 0..9, got {bad.tolist()}")
         keep = np.isin(labels, wanted)
         images, labels = images[keep], labels[keep]
-    big = resize_bilinear(images, IMAGE_SIZE) * (255.0 / 16.0)
+    big = resize_bilinear(images, size) * (255.0 / 16.0)
     x = np.clip(np.rint(big), 0, 255).astype(np.uint8)[:, None, :, :]
     return x, labels
 

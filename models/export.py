@@ -15,7 +15,8 @@ Why the exporter is driven the way it is:
   disables that pass; removing them from `graph.input` afterwards gives the
   usual "initializers are constants" model.
 
-Usage: `python -m models.export NAME -o out.onnx [--input-size 224] ...`
+Usage: `python -m models.export NAME -o out.onnx [--input-size 224] [--num-classes 10] [--in-channels 3]
+[--width-mult 1.0] [--classifier-width 4096] [--batch 1] [--static-batch]`
 """
 
 from __future__ import annotations
@@ -110,6 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--num-classes", type=int, default=None)
     parser.add_argument("--in-channels", type=int, default=3)
     parser.add_argument("--width-mult", type=float, default=None, help="mobilenet_v2 / mcunet only")
+    parser.add_argument("--classifier-width", type=int, default=None, help="vgg16_bn only (default 4096)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--static-batch", action="store_true", help="do not mark the batch axis dynamic")
     parser.add_argument("--opset", type=int, default=17)
@@ -121,6 +123,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         kwargs["num_classes"] = args.num_classes
     if args.width_mult is not None:
         kwargs["width_mult"] = args.width_mult
+    if args.classifier_width is not None:
+        kwargs["classifier_width"] = args.classifier_width
     torch.manual_seed(args.seed)
     model = build(args.name, **kwargs)
     shape = (args.batch, args.in_channels, args.input_size, args.input_size)

@@ -8,10 +8,10 @@ Outputs (all committed, all small):
 
 * `models/zoo/mobilenetv2_digits.onnx`: mobilenet_v2(num_classes=10,
   width_mult=0.5, in_channels=1) trained on digits 0-4, exported at
-  (1, 1, 32, 32) with a dynamic batch axis and the preprocessing in its
+  (1, 1, 64, 64) with a dynamic batch axis and the preprocessing in its
   metadata. The head has 10 outputs so that fine-tuning on 5-9 reuses it.
 * `models/data/digits_5to9_{train,test}.npz`: the fine-tuning task, keys
-  `x` (uint8, N x 1 x 32 x 32) and `y` (int64, original labels 5..9).
+  `x` (uint8, N x 1 x 64 x 64) and `y` (int64, original labels 5..9).
 * `models/data/digits_0to4_test.npz`: held-out images of the pretraining
   classes, for checking forgetting.
 
@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.digits import DIGITS_PREPROCESS, load_digits_32, preprocess, stratified_split
+from models.digits import DIGITS_PREPROCESS, load_digits_images, preprocess, stratified_split
 from models.export import export_onnx
 from models.mobilenetv2 import mobilenet_v2
 
@@ -129,14 +129,17 @@ def train(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m models.pretrain_digits", description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=30)
+    # 64x64 leaves 2x2 maps at the last layers, so gradient filtering with r = 2 has patches to average.
+    parser.add_argument("--size", type=int, default=64, help="image side in pixels")
     args = parser.parse_args(argv)
 
     t0 = time.time()
     torch.set_num_threads(2)  # fixed thread count: float reductions stay reproducible
-    # Adam's second-moment estimates of tiny gradients become denormal floats,
-    # which made sqrt() dominate the step time on x86 (seconds per step).
+    # Tiny activations/gradients of a fresh net can become denormal floats, which
+    # are very slow on x86; a profile of an early version had AdamW's sqrt()
+    # dominating the step time. Flushing them to zero costs no accuracy here.
     torch.set_flush_denormal(True)
-    x, y = load_digits_32()
+    x, y = load_digits_images(size=args.size)
     x_tr, y_tr, x_te, y_te = stratified_split(x, y, test_fraction=0.25, seed=SEED)
     x_tr04, y_tr04 = _subset(x_tr, y_tr, PRETRAIN_CLASSES)
     x_te04, y_te04 = _subset(x_te, y_te, PRETRAIN_CLASSES)
@@ -155,12 +158,12 @@ def main(argv: list[str] | None = None) -> int:
         "pretrained_on": "sklearn digits classes 0-4",
         "script": "models/pretrain_digits.py",
         "architecture": "mobilenet_v2(num_classes=10, width_mult=0.5, in_channels=1)",
-        "input_shape": "N,1,32,32",
+        "input_shape": f"N,1,{args.size},{args.size}",
         "train_accuracy_0to4": f"{train_acc:.4f}",
         "test_accuracy_0to4": f"{test_acc:.4f}",
         "torch_version": torch.__version__,
     }
-    export_onnx(model, ONNX_PATH, input_shape=(1, 1, 32, 32), metadata=metadata)
+    export_onnx(model, ONNX_PATH, input_shape=(1, 1, args.size, args.size), metadata=metadata)
 
     DATA_DIR.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(DATA_DIR / "digits_5to9_train.npz", x=x_tr59, y=y_tr59)
