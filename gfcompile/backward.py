@@ -118,16 +118,30 @@ def build_backward(model: onnx.ModelProto, plan: Plan, config: CompileConfig, di
             raise GfError(f"ORT's gradient builder failed: {failure}") from None
     if captured.get("text") and "error" in captured["text"].lower():
         logging.getLogger(__name__).debug(captured["text"])
+    optimizer_model = onnx.load(str(directory / "optimizer_model.onnx"))
+    if config.optimizer == "adamw":
+        _use_torch_adamw_semantics(optimizer_model)
+        onnx.save(optimizer_model, str(directory / "optimizer_model.onnx"))
     return TrainingModels(
         directory=directory,
         training=onnx.load(str(directory / "training_model.onnx")),
         eval=onnx.load(str(directory / "eval_model.onnx")),
-        optimizer=onnx.load(str(directory / "optimizer_model.onnx")),
+        optimizer=optimizer_model,
         loss=loss_name,
         label_name=label_name,
         model_inputs=[v for v in model.graph.input if v.name not in {i.name for i in model.graph.initializer}],
         model_outputs=list(model.graph.output),
     )
+
+
+def _use_torch_adamw_semantics(optimizer_model: onnx.ModelProto) -> None:
+    """onnxblock builds ORT's AdamW in mode 1 (Hugging Face: eps outside the bias correction, decay after
+    the update); mode 0 is PyTorch's AdamW, which is what users compare against."""
+    for node in optimizer_model.graph.node:
+        if node.op_type == "AdamWOptimizer":
+            for attribute in node.attribute:
+                if attribute.name == "adam_mode":
+                    attribute.i = 0
 
 
 @contextlib.contextmanager

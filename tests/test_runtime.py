@@ -147,3 +147,49 @@ def test_manifest_records_what_was_compiled(exported, tmp_path: Path) -> None:
     assert manifest["labels"] == [{"name": "labels", "shape": [BATCH], "dtype": "int64"}]
     assert manifest["passes"]["forward"] and manifest["config"]["train_layers"] == 2
     assert set(manifest["files"]) >= {"training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint"}
+
+
+def test_adamw_matches_pytorch(exported, tmp_path: Path) -> None:
+    model, onnx_path = exported
+    lr, weight_decay = 0.01, 0.05
+    artifacts = _compile(onnx_path, tmp_path / "artifacts", optimizer="adamw", lr=lr, weight_decay=weight_decay)
+    trainer = Trainer(artifacts)
+    data = _dataset(samples=BATCH * 3)
+    named = dict(model.named_parameters())
+    for name, parameter in named.items():
+        parameter.requires_grad_(name in trainer.trainable)
+    # onnxblock's AdamW uses eps = 1e-6 and bias correction, like torch's with that eps.
+    reference = torch.optim.AdamW(
+        [named[name] for name in trainer.trainable], lr=lr, eps=1e-6, weight_decay=weight_decay
+    )
+    model.eval()
+    for step in range(3):
+        x, y = data.x[step * BATCH : (step + 1) * BATCH], data.y[step * BATCH : (step + 1) * BATCH]
+        trainer.train_step(x, y)
+        reference.zero_grad()
+        torch.nn.functional.cross_entropy(model(torch.from_numpy(x)), torch.from_numpy(y)).backward()
+        reference.step()
+    for name in trainer.trainable:
+        assert relative_error(trainer.state.parameters[name].data, named[name].detach().numpy()) < 1e-4, name
+
+
+def test_mse_loss_matches_pytorch(exported, tmp_path: Path) -> None:
+    model, onnx_path = exported
+    artifacts = _compile(onnx_path, tmp_path / "artifacts", loss="mse")
+    trainer = Trainer(artifacts)
+    assert trainer.manifest["loss"] == "mse" and trainer.manifest["labels"][0]["name"] == "target"
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((BATCH, *CASE.input_shape)).astype(np.float32)
+    target = rng.standard_normal((BATCH, 10)).astype(np.float32)
+    named = dict(model.named_parameters())
+    for name, parameter in named.items():
+        parameter.requires_grad_(name in trainer.trainable)
+        parameter.grad = None
+    model.eval()
+    reference = torch.nn.functional.mse_loss(model(torch.from_numpy(x)), torch.from_numpy(target))
+    reference.backward()
+    trainer.module.train()
+    loss = float(trainer.module(x, target)[0])
+    assert abs(loss - float(reference.detach())) <= 1e-5 * max(1.0, abs(loss))
+    for name in trainer.trainable:
+        assert relative_error(trainer.state.parameters[name].grad, named[name].grad.numpy()) <= 1e-4, name
