@@ -66,7 +66,7 @@ def test_zoo_model_compiles_filtered_and_trains(tmp_path: Path, name: str, n: in
     training = onnx.load(str(artifacts / "training_model.onnx"))
     trainer = Trainer(artifacts)
     filtered = trainer.manifest["plan"]["filtered"]
-    assert len(filtered) == n and trainer.manifest["passes"]["training"] == ["gradient_filter"]
+    assert len(filtered) == n and "gradient_filter" in trainer.manifest["passes"]["training"]
 
     # The backward of every filtered conv reads the pooled input (N, C, ceil(H_y/r), ceil(W_y/r)),
     # and no ConvGrad reads the conv's full-resolution input any more.
