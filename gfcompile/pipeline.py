@@ -8,7 +8,7 @@ from pathlib import Path
 import onnx
 import onnxruntime
 
-from passes import activation_mask, bn_eval_affine, cleanup, frozen_bn_fold, gradient_filter
+from passes import activation_mask, bn_eval_affine, cleanup, frozen_bn_fold, gradient_filter, gradient_filter_fusion
 from passes.base import Plan
 
 from . import __version__
@@ -27,7 +27,7 @@ from .planning import select_layers
 from .summary import format_table, layer_costs, totals
 
 FORWARD_PASSES = (frozen_bn_fold, bn_eval_affine, cleanup)
-TRAINING_PASSES = (gradient_filter, activation_mask)
+TRAINING_PASSES = (gradient_filter, gradient_filter_fusion, activation_mask)
 
 Reporter = Callable[[str], None]
 

@@ -1,0 +1,344 @@
+"""Fuse the upsample of one filtered conv with the mean-pool of the filtered conv below it.
+
+Conv A (lower) and conv B (upper) are both gradient-filtered, and x_B is y_A passed
+through per-channel affine ops only (eval BN is `Mul(y, scale4)` then `Add(., shift4)`).
+After `gradient_filter` the backward between them reads, per axis (h shown):
+
+    grad_x_B = crop(upsample_R(a))             a = g^x_B, N x C x p_h x p_w, R = r_B * s_B
+    g_y_A    = s * grad_x_B                    ORT's gradients of the affine ops
+    g^_A     = pool_r(g_y_A)                   r x r windows, pad pg, MEAN (AveragePool) or SUM
+
+When A's windows are B's blocks (r_A == R_B on both axes, the same patch grid and the
+same leading pad), every in-image element of a window holds the same value s * a[j], so
+the mean is exactly s * a[j] and the sum r_A^2 * s * a[j] (aligned windows are all full).
+A is then fed from `a` at patch resolution and the full-resolution g_y_A, its pool and,
+where nothing else reads it, B's upsample are never computed.
+
+Other readers of the full-resolution gradients keep the upsample alive. Two of them are
+rewritten at patch resolution because they are exact there: a ReduceSum over both
+spatial axes (ORT's dbeta of the BN shift: sum_pixels g == sum_blocks count_j * value_j)
+and A's own bias gradient when A's windows are not aligned (gradient_filter then sums
+g_y_A itself). dgamma (sum g * x^) multiplies by a full-resolution activation and is left
+alone, so with a trainable BN the upsample stays for it.
+
+The pass relies on `gradient_filter`'s naming: `{conv}/gf/g_pool` is g^ and the nodes
+named `{conv}/gf/up` and `{conv}/gf/up_*` are the upsample chain.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .base import Plan, Stage
+from .gradient_filter import FilterGeometry, filter_geometry
+
+STAGE: Stage = "training"
+REQUIRES: tuple[str, ...] = ("ort_gradient_graph",)
+
+_LOG = logging.getLogger(__name__)
+# A chain of affine gradient ops longer than this is not an eval BN; stop looking.
+_MAX_CHAIN = 32
+# ops on the gradient path from grad_x_B to g_y_A that scale each channel by a factor
+_PATH_OPS = ("Identity", "Neg", "Mul", "Div")
+
+
+@dataclass(frozen=True, eq=False)
+class _Step:
+    """One gradient op on the path: out = op(inp, operand). `operand` is per-channel or None."""
+
+    node: gs.Node
+    op: str
+    inp: gs.Variable
+    out: gs.Variable
+    operand: gs.Tensor | None
+
+
+@dataclass(frozen=True, eq=False)
+class Fusion:
+    """A pair whose upsample + pool cancels. `path[i]` maps tensor i to i+1 (0: grad_x_B, last: g_y_A)."""
+
+    lower: str
+    upper: str
+    patch_grad: gs.Variable  # a = g^x_B, N x C x p_h x p_w, what B's upsample reads
+    upsampled: gs.Variable  # grad_x_B, the upsample's output
+    g_y: gs.Variable  # g_y_A, what A's pool reads
+    pooled: gs.Variable  # g^_A, `{A}/gf/g_pool`
+    path: tuple[_Step, ...]
+    lower_geometry: FilterGeometry
+    upper_geometry: FilterGeometry
+
+    @property
+    def pooled_holds_sums(self) -> bool:
+        # gradient_filter block-SUMS aligned windows (the 1/r^2 is folded downstream) and
+        # AveragePools (exact means) the others.
+        return self.lower_geometry.g_aligned
+
+
+def run(graph: gs.Graph, plan: Plan) -> gs.Graph:
+    """Feed every fusable lower conv's g^ straight from the upper conv's patch-resolution gradient."""
+    for fusion in find_fusions(graph, plan):
+        _LOG.info("gradient filter fusion: %s feeds %s at patch resolution", fusion.upper, fusion.lower)
+        _fuse(graph, fusion)
+    graph.cleanup().toposort()
+    return graph
+
+
+def find_fusions(graph: gs.Graph, plan: Plan) -> list[Fusion]:
+    """Every (A, B) pair of filtered convs whose geometry lines up and whose gradient path is per-channel."""
+    upsamples = {}
+    for conv_name in plan.filtered:
+        found = _upsample(graph, conv_name)
+        if found is not None:
+            upsamples[found[1].name] = (conv_name, *found)
+    tensors = graph.tensors()
+    fusions = []
+    for lower, r_lower in plan.filtered.items():
+        pooled = tensors.get(f"{lower}/gf/g_pool")
+        g_y = _pool_input(graph, lower)
+        if pooled is None or g_y is None or r_lower < 2:
+            continue  # r == 1 has no pool to remove
+        path = _affine_path(g_y, tuple(plan.conv(lower).y_shape), upsamples)
+        if path is None:
+            continue
+        start = path[0].inp if path else g_y
+        upper, patch_grad, upsampled = upsamples[start.name]
+        geometries = _matching_geometries(plan, lower, upper)
+        if geometries is None:
+            _LOG.debug("gradient filter fusion: %s -> %s do not line up", upper, lower)
+            continue
+        producer_is_mean = bool(pooled.inputs) and pooled.inputs[0].op == "AveragePool"
+        if producer_is_mean == geometries[0].g_aligned:
+            # Not the pool gradient_filter builds for this geometry; do not guess what it holds.
+            _LOG.warning("gradient filter fusion: unexpected pool for %s; left alone", lower)
+            continue
+        fusions.append(
+            Fusion(lower, upper, patch_grad, upsampled, g_y, pooled, tuple(path), geometries[0], geometries[1])
+        )
+    return fusions
+
+
+def _upsample(graph: gs.Graph, conv_name: str) -> tuple[gs.Variable, gs.Variable] | None:
+    """(a, grad_x) of the upsample chain gradient_filter emitted for `conv_name`, if there is one."""
+    prefix = f"{conv_name}/gf/up"
+    nodes = [n for n in graph.nodes if n.name == prefix or n.name.startswith(f"{prefix}_")]
+    if not nodes:
+        return None
+    ids = {id(n) for n in nodes}
+    produced = {id(t) for n in nodes for t in n.outputs}
+    sources = {id(t): t for n in nodes for t in n.inputs if isinstance(t, gs.Variable) and id(t) not in produced}
+    finals = [t for n in nodes for t in n.outputs if not any(id(c) in ids for c in t.outputs)]
+    if len(sources) != 1 or len(finals) != 1:
+        return None
+    return next(iter(sources.values())), finals[0]
+
+
+def _pool_input(graph: gs.Graph, conv_name: str) -> gs.Variable | None:
+    """g_y of a filtered conv: the one non-gf tensor that its `{conv}/gf/g_pool*` nodes read."""
+    prefix = f"{conv_name}/gf/"
+    readers = [n for n in graph.nodes if n.name.startswith(f"{prefix}g_pool")]
+    outside = {
+        id(t): t
+        for n in readers
+        for t in n.inputs
+        if isinstance(t, gs.Variable) and not (t.inputs and t.inputs[0].name.startswith(prefix))
+    }
+    return next(iter(outside.values())) if len(outside) == 1 else None
+
+
+def _affine_path(g_y: gs.Variable, shape: tuple[int, ...], upsamples: dict[str, tuple]) -> list[_Step] | None:
+    """The per-channel gradient ops from some filtered conv's grad_x to `g_y` (NCHW `shape`), in forward order."""
+    steps: list[_Step] = []
+    tensor = g_y
+    while tensor.name not in upsamples:
+        if len(steps) >= _MAX_CHAIN or len(tensor.inputs) != 1 or not _may_have_shape(tensor, shape):
+            return None
+        node = tensor.inputs[0]
+        if node.op not in _PATH_OPS or len(node.outputs) != 1:
+            return None
+        step = _as_step(node, shape)
+        if step is None:
+            return None
+        steps.append(step)
+        tensor = step.inp
+    if not _may_have_shape(tensor, shape):
+        return None
+    steps.reverse()
+    return steps
+
+
+def _as_step(node: gs.Node, shape: tuple[int, ...]) -> _Step | None:
+    """`node` as a per-channel step whose data input has `shape` (the gradient keeps it), or None."""
+    out = node.outputs[0]
+    if node.op in ("Identity", "Neg"):
+        inp = node.inputs[0] if len(node.inputs) == 1 else None
+        return _Step(node, node.op, inp, out, None) if isinstance(inp, gs.Variable) else None
+    if len(node.inputs) != 2:
+        return None
+    # Div: only the dividend may be the gradient, a gradient divisor is not linear in it.
+    orders = [node.inputs] if node.op == "Div" else [node.inputs, node.inputs[::-1]]
+    for inp, operand in orders:
+        if isinstance(inp, gs.Variable) and _may_have_shape(inp, shape) and _per_channel(operand, shape):
+            return _Step(node, node.op, inp, out, operand)
+    return None
+
+
+def _may_have_shape(tensor: gs.Tensor, shape: tuple[int, ...]) -> bool:
+    # ORT's gradient tensors usually carry shapes; where one does not, the plan's shape stands.
+    return tensor.shape is None or _static_shape(tensor) == shape
+
+
+def _static_shape(tensor: gs.Tensor) -> tuple[int, ...] | None:
+    shape = tensor.shape
+    if shape is None or any(not isinstance(d, int | np.integer) or d < 0 for d in shape):
+        return None
+    return tuple(int(d) for d in shape)
+
+
+def _per_channel(tensor: gs.Tensor, data_shape: tuple[int, ...]) -> bool:
+    """Broadcasts against NCHW `data_shape` as one value per channel (scalar, [C,1,1], [1,C,1,1], ...)."""
+    shape = _static_shape(tensor)
+    if shape is None or len(shape) > len(data_shape):
+        return False
+    aligned = (1,) * (len(data_shape) - len(shape)) + shape
+    return all(d == 1 for i, d in enumerate(aligned) if i != 1) and aligned[1] in (1, data_shape[1])
+
+
+def _matching_geometries(plan: Plan, lower: str, upper: str) -> tuple[FilterGeometry, FilterGeometry] | None:
+    """(A's, B's) geometry when A's pooling windows are exactly B's upsample blocks, else None."""
+    layer_a, layer_b = plan.conv(lower), plan.conv(upper)
+    r = plan.filtered[lower]
+    try:
+        geom_a = filter_geometry(layer_a, r)
+        geom_b = filter_geometry(layer_b, plan.filtered[upper])
+    except ValueError:
+        return None
+    lines_up = (
+        tuple(layer_a.y_shape) == tuple(layer_b.x_shape)
+        and geom_b.patch == (r, r)
+        and geom_a.grid == geom_b.grid
+        and geom_a.g_pads == geom_b.x_pads
+    )
+    return (geom_a, geom_b) if lines_up else None
+
+
+def _block_counts(geom: FilterGeometry) -> np.ndarray:
+    """p_h x p_w in-image element counts of the upsample blocks of `geom` (the image is x's H x W)."""
+    per_axis = []
+    for axis in range(2):
+        R, p = geom.patch[axis], geom.grid[axis]
+        top, bottom = geom.x_pads[axis], geom.x_pads[axis + 2]
+        size = p * R - top - bottom
+        starts = np.arange(p) * R - top
+        per_axis.append(np.minimum(starts + R, size) - np.maximum(starts, 0))
+    return np.outer(per_axis[0], per_axis[1]).astype(np.float32)
+
+
+class _PatchGradients:
+    """Emits `factor_k * a` at patch resolution: path tensor k (0: grad_x_B) before its upsample."""
+
+    def __init__(self, graph: gs.Graph, fusion: Fusion) -> None:
+        self.graph = graph
+        self.fusion = fusion
+        self.prefix = f"{fusion.lower}/gf/fuse"
+        self.counts = _block_counts(fusion.upper_geometry)
+        self.shape = fusion.upper_geometry.x_pooled_shape  # what B's upsample reads
+        self.cache: dict[tuple[int, str], gs.Tensor] = {}
+
+    def value(self, k: int, weight: str, out: gs.Variable | None = None) -> gs.Tensor:
+        """Patch-resolution stand-in for path tensor k, times `weight`; written into `out` if given.
+
+        weight: "none" (the block value: what a MEAN pool of the path tensor gives),
+        "window" (r^2 * block value: what an aligned SUM pool gives), "count" (block value
+        times the block's in-image element count: summing it equals summing over pixels).
+        """
+        key = (k, weight)
+        if out is None and key in self.cache:
+            return self.cache[key]
+        result = self._emit(k, weight, out)
+        if out is None:
+            self.cache[key] = result
+        return result
+
+    def _emit(self, k: int, weight: str, out: gs.Variable | None) -> gs.Tensor:
+        # Constant factors fold in numpy; per-channel variables (a trainable BN's scale4)
+        # multiply that small tensor, so exactly one op touches the N x C x p_h x p_w tensor.
+        constant = np.ones((), dtype=np.float64)
+        variables: list[tuple[str, gs.Tensor]] = []
+        for step in self.fusion.path[:k]:
+            if step.op == "Neg":
+                constant = -constant
+            elif step.op in ("Mul", "Div") and isinstance(step.operand, gs.Constant):
+                values = np.asarray(step.operand.values, dtype=np.float64)
+                constant = constant * values if step.op == "Mul" else constant / values
+            elif step.op in ("Mul", "Div"):
+                variables.append((step.op, step.operand))
+        if weight == "count":
+            constant = constant * self.counts.astype(np.float64)
+        elif weight == "window":
+            constant = constant * float(self.fusion.lower_geometry.r**2)
+        name = f"{self.prefix}/k{k}_{weight}"
+        if not variables and constant.size == 1 and float(constant.reshape(-1)[0]) == 1.0:
+            if out is None:
+                return self.fusion.patch_grad
+            return self._op("Identity", name, [self.fusion.patch_grad], self.shape, out)
+        factor: gs.Tensor = gs.Constant(f"{name}_factor", np.asarray(constant, dtype=np.float32))
+        for i, (op, operand) in enumerate(variables):
+            factor = self._op(op, f"{name}_factor{i}", [factor, operand], None)
+        return self._op("Mul", name, [self.fusion.patch_grad, factor], self.shape, out)
+
+    def _op(
+        self, op: str, name: str, inputs: list[gs.Tensor], shape: tuple[int, ...] | None, out: gs.Variable | None = None
+    ) -> gs.Variable:
+        if out is None:
+            out = gs.Variable(name, dtype=np.float32, shape=list(shape) if shape is not None else None)
+        self.graph.nodes.append(gs.Node(op=op, name=name, inputs=inputs, outputs=[out]))
+        return out
+
+
+def _fuse(graph: gs.Graph, fusion: Fusion) -> None:
+    patch = _PatchGradients(graph, fusion)
+    path_tensors = [fusion.path[0].inp if fusion.path else fusion.g_y] + [step.out for step in fusion.path]
+    last = len(path_tensors) - 1
+
+    # 1. g^_A from `a`, written into `{A}/gf/g_pool` so A's readers stay as they are; the
+    #    old pool chain loses its only output and is cleaned up.
+    for node in list(fusion.pooled.inputs):
+        node.outputs.clear()
+    patch.value(last, "window" if fusion.pooled_holds_sums else "none", out=fusion.pooled)
+
+    # 2. Exact patch-resolution forms of full-resolution reductions over the path tensors.
+    for k, tensor in enumerate(path_tensors):
+        for node in list(tensor.outputs):
+            if node.op == "ReduceSum" and node.inputs[0] is tensor and _reduces_spatial(node):
+                node.inputs[0] = patch.value(k, "count")
+    bias_flat = next((n for n in fusion.g_y.outputs if n.name == f"{fusion.lower}/gf/bias_flat"), None)
+    if bias_flat is not None:
+        # gradient_filter sums g_y_A itself for a non-aligned A: Reshape (N, C, H*W) -> ReduceSum(2).
+        n, c, p_h, p_w = patch.shape
+        shape = gs.Constant(f"{patch.prefix}/bias_flat_shape", np.array([n, c, p_h * p_w], dtype=np.int64))
+        weighted = patch.value(last, "count")
+        bias_flat.inputs.clear()  # graphsurgeon's synchronized lists take no slice assignment
+        bias_flat.inputs.extend([weighted, shape])
+        bias_flat.outputs[0].shape = [n, c, p_h * p_w]
+
+
+def _reduces_spatial(node: gs.Node) -> bool:
+    """ReduceSum of an NCHW tensor whose axes include both spatial axes (rank kept or not)."""
+    if len(node.inputs) > 1 and node.inputs[1].name:
+        axes_tensor = node.inputs[1]
+        if not isinstance(axes_tensor, gs.Constant):
+            return False
+        axes = [int(a) for a in np.asarray(axes_tensor.values).reshape(-1)]
+    else:
+        axes = list(node.attrs.get("axes", []))
+        if not axes:
+            return not node.attrs.get("noop_with_empty_axes", 0)  # empty axes: everything
+    normalized = {a % 4 for a in axes}
+    return {2, 3} <= normalized
+
+
+__all__ = ["REQUIRES", "STAGE", "Fusion", "find_fusions", "run"]
