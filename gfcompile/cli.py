@@ -1,4 +1,4 @@
-"""The `gfcompile` command: compile (the default), train and eval."""
+"""The `gfcompile` command: compile (the default), train, eval, diff, inspect and bundle."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from runtime.errors import RunError
 from .config import DEFAULT_TRAIN_LAYERS, CompileConfig
 from .errors import GfError
 
-SUBCOMMANDS = ("compile", "train", "eval")
+SUBCOMMANDS = ("compile", "train", "eval", "diff", "inspect", "bundle")
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -26,7 +26,8 @@ def compile_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gfcompile",
         description="Compile an ONNX CNN into onnxruntime-training artifacts for on-device fine-tuning.",
-        epilog="Other commands: gfcompile train ARTIFACTS --data D.npz, gfcompile eval ARTIFACTS --data D.npz",
+        epilog="Other commands: gfcompile train ARTIFACTS --data D.npz, gfcompile eval ARTIFACTS --data D.npz, "
+        "gfcompile diff A B, gfcompile inspect ARTIFACTS_OR_MODEL, gfcompile bundle ARTIFACTS -o BUNDLE",
     )
     parser.add_argument("model", type=Path, help="the .onnx model to compile")
     parser.add_argument("-o", "--output", type=Path, default=Path("artifacts"), help="artifacts folder to write")
@@ -75,16 +76,79 @@ def compile_parser() -> argparse.ArgumentParser:
 def run_parser(command: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=f"gfcompile {command}")
     parser.add_argument("artifacts", type=Path, help="folder written by gfcompile")
-    parser.add_argument("--data", type=Path, required=True, help=".npz file with arrays x and y")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        required=True,
+        help=".npz file with arrays x and y, or a folder with one subfolder of images per class",
+    )
     parser.add_argument("--checkpoint", type=Path, default=None, help="checkpoint to start from")
     if command == "train":
         parser.add_argument("--steps", type=int, default=50)
         parser.add_argument("--lr", type=float, default=None, help="override the compiled learning rate")
-        parser.add_argument("--eval-data", type=Path, default=None, help="evaluate on this .npz before and after")
+        parser.add_argument(
+            "--eval-data", type=Path, default=None, help="evaluate on this .npz or image folder before and after"
+        )
         parser.add_argument("--seed", type=int, default=0)
         parser.add_argument("--save", type=Path, default=None, help="where to write the trained checkpoint")
         parser.add_argument("--export", type=Path, default=None, help="write an inference .onnx after training")
         parser.add_argument("--log-every", type=int, default=10)
+    return parser
+
+
+def diff_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gfcompile diff",
+        description="Compare two compiled graphs in canonical form (internal tensor names do not matter). "
+        "Exit 0 when equal, 1 when they differ, 2 on error.",
+    )
+    parser.add_argument("a", type=Path, help=".onnx model, artifacts folder, or snapshot .json")
+    parser.add_argument("b", type=Path, help="the same kind as A")
+    parser.add_argument("--format", choices=("text", "json"), default="text")
+    parser.add_argument("--atol", type=float, default=0.0, help="tolerance for initializer and parameter values")
+    parser.add_argument("--ignore", action="append", default=[], help="manifest key (or prefix) to skip; repeatable")
+    parser.add_argument("--limit", type=int, default=20, help="lines per kind of difference in text output (0: all)")
+    parser.add_argument("--snapshot", type=Path, default=None, help="also write B's canonical snapshot .json here")
+    return parser
+
+
+def inspect_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gfcompile inspect",
+        description="Per-layer table (shapes, trainable/frozen, filtered r, saved activations, backward FLOPs) "
+        "and a peak-memory estimate of a compiled artifacts folder, or of what compiling a model would pick.",
+    )
+    parser.add_argument("path", type=Path, help="artifacts folder, or an uncompiled .onnx model")
+    parser.add_argument("--format", choices=("text", "json"), default="text")
+    parser.add_argument("--plot", type=Path, default=None, help="bar chart of saved activations per layer (.png)")
+    plan = parser.add_argument_group("for an uncompiled model: what `gfcompile MODEL ...` would do")
+    plan.add_argument("--filter-layers", type=int, default=None)
+    plan.add_argument("--train-layers", type=int, default=None)
+    plan.add_argument("--patch-size", type=int, default=None)
+    plan.add_argument("--patch-size-map", type=Path, default=None)
+    plan.add_argument("--batch-size", type=int, default=None)
+    plan.add_argument("--input-shape", type=_shape, default=None)
+    plan.add_argument("--bn-mode", choices=("eval", "train", "frozen"), default=None)
+    plan.add_argument("--optimizer", choices=("adamw", "sgd"), default=None)
+    return parser
+
+
+def bundle_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gfcompile bundle",
+        description="Write a self-contained device bundle: models, initial checkpoint, runner, README, "
+        "and a manifest with the sha256 of every file.",
+    )
+    parser.add_argument("artifacts", type=Path, help="folder written by gfcompile")
+    parser.add_argument("-o", "--output", type=Path, required=True, help="bundle folder, or NAME.tar.gz")
+    parser.add_argument("--ort-format", action="store_true", help="ship training and optimizer models as .ort")
+    parser.add_argument(
+        "--preprocess",
+        default=None,
+        help="JSON (or a .json file) with scale, mean, std, layout for uint8 data and images; "
+        "replaces what the model recorded",
+    )
+    parser.add_argument("--force", action="store_true", help="replace an existing output")
     return parser
 
 
@@ -93,6 +157,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv and argv[0] in ("train", "eval"):
             return _run(argv[0], run_parser(argv[0]).parse_args(argv[1:]))
+        if argv and argv[0] == "diff":
+            return _diff(diff_parser().parse_args(argv[1:]))
+        if argv and argv[0] == "inspect":
+            return _inspect(inspect_parser().parse_args(argv[1:]))
+        if argv and argv[0] == "bundle":
+            return _bundle(bundle_parser().parse_args(argv[1:]))
         if argv and argv[0] == "compile":
             argv = argv[1:]
         return _compile(compile_parser().parse_args(argv))
@@ -104,17 +174,22 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _read_patch_size_map(path: Path | None) -> dict:
+    if path is None:
+        return {}
+    try:
+        patch_size_map = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise GfError(f"{path}: cannot read the patch-size map ({exc})") from None
+    if not isinstance(patch_size_map, dict) or not all(isinstance(v, int) for v in patch_size_map.values()):
+        raise GfError(f"{path}: expected a JSON object of layer name -> integer patch size")
+    return patch_size_map
+
+
 def _compile(args: argparse.Namespace) -> int:
     from .pipeline import compile_model
 
-    patch_size_map = {}
-    if args.patch_size_map is not None:
-        try:
-            patch_size_map = json.loads(args.patch_size_map.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise GfError(f"{args.patch_size_map}: cannot read the patch-size map ({exc})") from None
-        if not isinstance(patch_size_map, dict) or not all(isinstance(v, int) for v in patch_size_map.values()):
-            raise GfError(f"{args.patch_size_map}: expected a JSON object of layer name -> integer patch size")
+    patch_size_map = _read_patch_size_map(args.patch_size_map)
     config = CompileConfig(
         filter_layers=args.filter_layers,
         train_layers=args.train_layers,
@@ -138,16 +213,74 @@ def _compile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _diff(args: argparse.Namespace) -> int:
+    from .diff import compare, format_text, snapshot, write_snapshot
+
+    a, b = snapshot(args.a), snapshot(args.b)
+    report = compare(a, b, atol=args.atol, ignore=args.ignore)
+    if args.snapshot is not None:
+        write_snapshot(b, args.snapshot)
+    if args.format == "json":
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        print(format_text(report, limit=args.limit))
+    return 0 if report.equal else 1
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from .inspection import format_text, inspect_path, plot
+
+    planning = ("filter_layers", "train_layers", "patch_size", "patch_size_map", "batch_size", "input_shape", "bn_mode")
+    given = {name: getattr(args, name) for name in (*planning, "optimizer") if getattr(args, name) is not None}
+    config = None
+    if given:
+        if "patch_size_map" in given:
+            given["patch_size_map"] = _read_patch_size_map(given["patch_size_map"])
+        config = CompileConfig(**given)
+    elif args.path.is_file():
+        config = CompileConfig()
+    result = inspect_path(args.path, config)
+    if args.format == "json":
+        print(json.dumps(result.to_json(), indent=2))
+    else:
+        print(format_text(result))
+    if args.plot is not None:
+        print(f"plot: {plot(result, args.plot)}", file=sys.stderr)
+    return 0
+
+
+def _bundle(args: argparse.Namespace) -> int:
+    from .bundle import make_bundle
+
+    preprocess = None
+    if args.preprocess is not None:
+        text = args.preprocess
+        if not text.lstrip().startswith("{"):
+            try:
+                text = Path(text).read_text()
+            except OSError as exc:
+                raise GfError(
+                    f"--preprocess: neither JSON nor a readable file ({exc.strerror}: {args.preprocess})"
+                ) from None
+        try:
+            preprocess = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise GfError(f"--preprocess: not valid JSON ({exc})") from None
+    path = make_bundle(args.artifacts, args.output, ort_format=args.ort_format, preprocess=preprocess, force=args.force)
+    print(f"wrote {path}")
+    return 0
+
+
 def _run(command: str, args: argparse.Namespace) -> int:
-    from runtime.data import load_npz
+    from runtime.data import load_data
     from runtime.trainer import Trainer
 
     trainer = Trainer(args.artifacts, checkpoint=args.checkpoint, lr=getattr(args, "lr", None))
-    data = load_npz(args.data, trainer.manifest)
+    data = load_data(args.data, trainer.manifest)
     if command == "eval":
         print(_describe(trainer.evaluate(data), args.data))
         return 0
-    eval_data = load_npz(args.eval_data, trainer.manifest) if args.eval_data else None
+    eval_data = load_data(args.eval_data, trainer.manifest) if args.eval_data else None
     if eval_data is not None:
         print("before:", _describe(trainer.evaluate(eval_data), args.eval_data), file=sys.stderr)
     if args.steps < 1:

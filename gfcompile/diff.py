@@ -18,6 +18,9 @@ internal tensors (or in the file order of their nodes) compare equal:
   are compared, values are compared with ``--atol``; when one side is a snapshot, by hash and then
   by the statistics within ``--atol``.
 
+Subgraphs (If/Loop bodies) compare by a hash of their own canonical form; tensors they capture from
+the outer graph keep their names there (the zoo's CNNs have none).
+
 An artifacts folder is compared model by model (training, eval, optimizer), plus the manifest
 (minus what only records where things were written) and the parameter values in the checkpoint.
 
@@ -164,7 +167,8 @@ def _initializer_type(init: onnx.TensorProto) -> str:
     return f"{dtype}[{','.join(str(d) for d in init.dims)}]"
 
 
-def _tensor_types(model: onnx.ModelProto) -> dict[str, str]:
+def value_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
+    """The type of every tensor the model declares or onnx's shape inference can work out."""
     graph = model.graph
     values = [*graph.input, *graph.value_info, *graph.output]
     produced = {name for node in graph.node for name in node.output if name}
@@ -181,8 +185,12 @@ def _tensor_types(model: onnx.ModelProto) -> dict[str, str]:
             values = [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]
         except Exception:  # inference is a nicety here; untyped tensors show as "?"
             pass
-    types = {value.name: _type_string(value.type) for value in values}
-    for init in graph.initializer:
+    return {value.name: value.type for value in values}
+
+
+def _tensor_types(model: onnx.ModelProto) -> dict[str, str]:
+    types = {name: _type_string(type_proto) for name, type_proto in value_types(model).items()}
+    for init in model.graph.initializer:
         types[init.name] = _initializer_type(init)
     return types
 
@@ -316,7 +324,7 @@ def canonical_graph(graph: onnx.GraphProto, types: dict[str, str] | None = None)
         ],
         "outputs": [{"name": names.get(v.name, v.name), "type": _type_string(v.type)} for v in graph.output],
         "op_counts": dict(sorted(Counter(_op_label(node) for node in canonical_nodes).items())),
-        "initializers": dict(sorted(canonical_inits.items())),
+        "initializers": dict(sorted(canonical_inits.items(), key=lambda item: _natural(item[0]))),
         "nodes": canonical_nodes,
     }
     return data, arrays
@@ -552,22 +560,69 @@ def _compare_model(section: str, a: Snapshot, b: Snapshot, atol: float) -> list[
     for key in ("ir_version", "opsets"):
         if ma.get(key) != mb.get(key):
             differences.append(Difference(section, "model", key, _value_change(ma.get(key), mb.get(key))))
+    # Nodes are aligned first; A's positional names (%n<k>, %c<k>.<slot>) are then read as the B
+    # node they were paired with, so one inserted node does not make everything after it differ.
+    pairs, removed, added = _align(ma["nodes"], mb["nodes"])
+    translate = _translator({f"n{i}": f"n{j}" for i, j in pairs})
     for kind in ("inputs", "outputs"):
-        differences += _compare_values(section, kind, ma[kind], mb[kind])
+        differences += _compare_values(section, kind, ma[kind], mb[kind], translate)
     counts_a, counts_b = ma["op_counts"], mb["op_counts"]
     for op in sorted(set(counts_a) | set(counts_b)):
         if counts_a.get(op, 0) != counts_b.get(op, 0):
             differences.append(Difference(section, "op_count", op, f"{counts_a.get(op, 0)} -> {counts_b.get(op, 0)}"))
-    differences += _compare_nodes(section, ma["nodes"], mb["nodes"])
+    differences += _compare_nodes(section, ma["nodes"], mb["nodes"], pairs, removed, added, translate)
+    # Constants: A's keyed by their translated name (unpaired readers keep theirs and show as removed).
+    inits_a: dict[str, dict] = {}
+    a_arrays: dict[str, np.ndarray] = {}
+    for name, summary in ma["initializers"].items():
+        key = translate(name)
+        key = name if key == "?" else key
+        inits_a[key] = summary
+        if f"{section}/{name}" in a.arrays:
+            a_arrays[f"{section}/{key}"] = a.arrays[f"{section}/{name}"]
+    labels = _constant_labels(mb["nodes"])
     differences += _compare_tensors(
-        section, "initializer", ma["initializers"], mb["initializers"], a, b, atol, array_prefix=section
+        section,
+        "initializer",
+        inits_a,
+        mb["initializers"],
+        Snapshot(a.source, a.data, a_arrays),
+        b,
+        atol,
+        array_prefix=section,
+        labels=labels,
     )
     return differences
 
 
-def _compare_values(section: str, kind: str, a: list[dict], b: list[dict]) -> list[Difference]:
+def _translator(a_to_b: dict[str, str]):
+    def translate(name: str) -> str:
+        # "%n12.1" / "%c12.1" of A -> the same output / input slot of the B node paired with n12; "?" if none.
+        if not name or not _is_positional(name):
+            return name
+        head, dot, tail = name[1:].partition(".")
+        node = f"n{head[1:]}"
+        if node not in a_to_b:
+            return "?"
+        return f"%{head[0]}{a_to_b[node][1:]}{dot}{tail}"
+
+    return translate
+
+
+def _constant_labels(nodes: list[dict]) -> dict[str, str]:
+    """ "%c12.1" -> "input 1 of Reshape [name]": where a positional constant is read."""
+    labels = {}
+    for node in nodes:
+        for slot, name in enumerate(node["inputs"]):
+            if name.startswith("%c") and name not in labels:
+                labels[name] = f"input {slot} of {_op_label(node)} {_node_name(node)}".rstrip()
+    return labels
+
+
+def _compare_values(section: str, kind: str, a: list[dict], b: list[dict], translate) -> list[Difference]:
     singular = kind[:-1]
     differences = []
+    a = [{**v, "name": translate(v["name"])} for v in a]
     types_a = {v["name"]: v["type"] for v in a}
     types_b = {v["name"]: v["type"] for v in b}
     for name in [v["name"] for v in a if v["name"] not in types_b]:
@@ -593,19 +648,22 @@ def _compare_tensors(
     snap_b: Snapshot,
     atol: float,
     array_prefix: str | None = None,
+    labels: dict[str, str] | None = None,
 ) -> list[Difference]:
     prefix = array_prefix or section
+    labels = labels or {}
     differences = []
-    for name in sorted(set(a) | set(b)):
+    for name in sorted(set(a) | set(b), key=_natural):
+        where = f" ({labels[name]})" if name in labels else ""
         if name not in b:
             differences.append(Difference(section, kind, name, f"removed {_tensor_label(a[name])}"))
             continue
         if name not in a:
-            differences.append(Difference(section, kind, name, f"added {_tensor_label(b[name])}"))
+            differences.append(Difference(section, kind, name, f"added {_tensor_label(b[name])}{where}"))
             continue
         ta, tb = a[name], b[name]
         if (ta["dtype"], ta["shape"]) != (tb["dtype"], tb["shape"]):
-            differences.append(Difference(section, kind, name, f"{_tensor_label(ta)} -> {_tensor_label(tb)}"))
+            differences.append(Difference(section, kind, name, f"{_tensor_label(ta)} -> {_tensor_label(tb)}{where}"))
         elif ta.get("trainable") != tb.get("trainable"):
             differences.append(
                 Difference(section, kind, name, f"trainable {ta.get('trainable')} -> {tb.get('trainable')}")
@@ -615,8 +673,13 @@ def _compare_tensors(
             values_b = snap_b.arrays.get(f"{prefix}/{name}")
             detail = _value_difference(ta, tb, values_a, values_b, atol)
             if detail:
-                differences.append(Difference(section, kind, name, detail))
+                differences.append(Difference(section, kind, name, detail + where))
     return differences
+
+
+def _natural(name: str) -> tuple:
+    # "%c9.1" before "%c10.1": numbers compare as numbers.
+    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name))
 
 
 def _tensor_label(summary: dict) -> str:
@@ -688,20 +751,15 @@ def _align(a: list[dict], b: list[dict]) -> tuple[list[tuple[int, int]], list[in
     return pairs, removed, added
 
 
-def _compare_nodes(section: str, a: list[dict], b: list[dict]) -> list[Difference]:
-    pairs, removed, added = _align(a, b)
-    a_to_b = {f"n{i}": f"n{j}" for i, j in pairs}
-
-    def translate(name: str) -> str:
-        # A's positional names, rewritten to the B node they were paired with ("?" if none).
-        if not name or not _is_positional(name):
-            return name
-        head, dot, tail = name[1:].partition(".")  # "%n12.1" -> "n12", ".", "1"
-        node = f"n{head[1:]}"
-        if node not in a_to_b:
-            return "?"
-        return f"%{head[0]}{a_to_b[node][1:]}{dot}{tail}"
-
+def _compare_nodes(
+    section: str,
+    a: list[dict],
+    b: list[dict],
+    pairs: list[tuple[int, int]],
+    removed: list[int],
+    added: list[int],
+    translate,
+) -> list[Difference]:
     differences = []
     for i in removed:
         differences.append(Difference(section, "node_removed", a[i]["id"], _node_line(a[i])))
@@ -754,7 +812,7 @@ def _node_line(node: dict) -> str:
 
 
 KIND_TITLES = {
-    "manifest": "manifest",
+    "manifest": "entries",
     "model": "model",
     "input": "graph inputs",
     "output": "graph outputs",
@@ -763,7 +821,7 @@ KIND_TITLES = {
     "node_added": "nodes added (+)",
     "node_changed": "nodes changed (~)",
     "initializer": "initializers",
-    "parameter": "parameters",
+    "parameter": "checkpoint tensors",
 }
 
 

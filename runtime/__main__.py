@@ -1,4 +1,12 @@
-"""`python -m runtime` / `gftrain`: train compiled artifacts on a device (no torch needed)."""
+"""`python -m runtime` / `gftrain`: train compiled artifacts or a device bundle (no torch needed).
+
+    gftrain BUNDLE --data images/ --steps 500 --export model.onnx
+
+Every file is checked against its sha256 before anything loads. Training resumes from the
+checkpoint (default BUNDLE/trained_checkpoint) and stops at step `--steps` in total, so running
+the same command again after a crash or power loss continues where the last checkpoint left off:
+the data order depends only on (seed, step), and checkpoints are replaced atomically.
+"""
 
 from __future__ import annotations
 
@@ -11,29 +19,59 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     from pathlib import Path
 
-    from .data import load_npz
-    from .trainer import Trainer
-
     parser = argparse.ArgumentParser(prog="gftrain", description="Train gfcompile artifacts on this device.")
-    parser.add_argument("artifacts", type=Path)
-    parser.add_argument("--data", type=Path, required=True, help=".npz with arrays x and y")
-    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("artifacts", type=Path, help="artifacts folder or bundle written by gfcompile")
+    parser.add_argument(
+        "--data", type=Path, required=True, help=".npz with arrays x and y, or a folder with one subfolder per class"
+    )
+    parser.add_argument("--steps", type=int, default=50, help="train until this many steps in total (resumes)")
     parser.add_argument("--checkpoint", type=Path, default=None, help="resume from (and save to) this checkpoint")
-    parser.add_argument("--checkpoint-every", type=int, default=10)
+    parser.add_argument("--checkpoint-every", type=int, default=10, help="save every N steps (0: only at the end)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--log-every", type=int, default=10)
+    parser.add_argument("--export", type=Path, default=None, help="write an inference .onnx model after training")
     args = parser.parse_args(argv)
     try:
-        checkpoint = args.checkpoint or args.artifacts / "trained_checkpoint"
-        trainer = Trainer(args.artifacts, checkpoint=checkpoint if checkpoint.exists() else None)
-        data = load_npz(args.data, trainer.manifest)
-        remaining = max(0, args.steps - trainer.step)
-        trainer.fit(data, remaining, seed=args.seed, checkpoint=checkpoint, checkpoint_every=args.checkpoint_every)
-        trainer.save(checkpoint)
-        print(f"step {trainer.step}; checkpoint {checkpoint}")
-        return 0
+        return _train(args)
     except RunError as exc:
         print(f"gftrain: error: {exc}", file=sys.stderr)
         return 2
+
+
+def _train(args) -> int:
+    import os
+
+    from .bundle import check_inference_model, open_trainer
+    from .data import eval_batches, load_data
+
+    if args.steps < 0 or args.checkpoint_every < 0:
+        raise RunError("--steps and --checkpoint-every must be >= 0")
+    checkpoint = args.checkpoint or args.artifacts / "trained_checkpoint"
+    trainer = open_trainer(args.artifacts, checkpoint=checkpoint if checkpoint.exists() else None)
+    data = load_data(args.data, trainer.manifest)
+    if trainer.step:
+        print(f"resuming from {checkpoint} at step {trainer.step}", file=sys.stderr)
+    remaining = max(0, args.steps - trainer.step)
+    trainer.fit(
+        data,
+        remaining,
+        seed=args.seed,
+        log_every=args.log_every,
+        checkpoint=checkpoint,
+        checkpoint_every=args.checkpoint_every,
+    )
+    trainer.save(checkpoint)
+    print(f"step {trainer.step}; checkpoint {checkpoint}")
+    if args.export is not None:
+        # Written beside the target and renamed, so a crash never leaves half a model under that name.
+        args.export.parent.mkdir(parents=True, exist_ok=True)
+        temporary = args.export.with_name(args.export.name + ".tmp.onnx")
+        trainer.export_inference(temporary)
+        x, y, _ = next(eval_batches(data, trainer.batch_size))
+        worst = check_inference_model(temporary, trainer, x, y)
+        os.replace(temporary, args.export)
+        print(f"inference model {args.export} (matches the trained eval model, max |diff| {worst:.2g})")
+    return 0
 
 
 if __name__ == "__main__":

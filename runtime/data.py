@@ -1,4 +1,4 @@
-"""Loading training data from .npz files with the preprocessing that the manifest records."""
+"""Loading training data (.npz files or image folders) with the preprocessing that the manifest records."""
 
 from __future__ import annotations
 
@@ -21,18 +21,38 @@ class Dataset:
 
 
 def preprocess(x: np.ndarray, spec: dict | None) -> np.ndarray:
-    """uint8 images -> float32 via the manifest's scale/mean/std; float data is used as given."""
+    """uint8 images -> float32 via the manifest's scale/mean/std; float data is used as given.
+
+    mean and std are per channel: axis 1 for layout NCHW (the default), the last axis for NHWC.
+    """
     if x.dtype == np.uint8:
         if not spec:
-            raise RunError("the data is uint8 but the artifacts record no preprocessing to convert it")
+            raise RunError(
+                "the data is uint8 but the artifacts record no preprocessing to convert it "
+                "(gfcompile bundle --preprocess records one)"
+            )
         x = x.astype(np.float32) * np.float32(spec.get("scale", 1.0 / 255.0))
-        channel_shape = (1, -1) + (1,) * (x.ndim - 2)
+        if str(spec.get("layout", "NCHW")).upper() == "NHWC":
+            channel_shape = (1,) * (x.ndim - 1) + (-1,)
+        else:
+            channel_shape = (1, -1) + (1,) * (x.ndim - 2)
         mean = np.asarray(spec.get("mean", [0.0]), dtype=np.float32).reshape(channel_shape)
         std = np.asarray(spec.get("std", [1.0]), dtype=np.float32).reshape(channel_shape)
         return (x - mean) / std
     if not np.issubdtype(x.dtype, np.floating):
         raise RunError(f"input data must be uint8 images or floats, got dtype {x.dtype}")
     return x.astype(np.float32, copy=False)
+
+
+def load_data(path: Path, manifest: dict) -> Dataset:
+    """An .npz file (arrays x and y) or a folder of images with one subfolder per class."""
+    path = Path(path)
+    if path.is_dir():
+        from .images import load_image_folder  # Pillow only when images are used
+
+        x, y, _ = load_image_folder(path, manifest)
+        return validate(preprocess(x, manifest.get("preprocess")), y, manifest, str(path))
+    return load_npz(path, manifest)
 
 
 def load_npz(path: Path, manifest: dict) -> Dataset:

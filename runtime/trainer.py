@@ -18,6 +18,16 @@ from .ort_training import training_api
 
 MANIFEST = "manifest.json"
 SUPPORTED_FORMAT = 1
+DEFAULT_MODELS = {
+    "training": "training_model.onnx",
+    "eval": "eval_model.onnx",
+    "optimizer": "optimizer_model.onnx",
+}
+
+
+def model_files(manifest: dict) -> dict[str, str]:
+    """Which files hold the training, eval and optimizer models ("*.ort" in an ORT-format bundle)."""
+    return {**DEFAULT_MODELS, **manifest.get("bundle", {}).get("models", {})}
 
 
 def sha256_file(path: Path) -> str:
@@ -96,13 +106,18 @@ class Trainer:
             self.state = api.CheckpointState.load_checkpoint(str(checkpoint))
         except Exception as exc:
             raise RunError(f"{checkpoint}: cannot load checkpoint ({exc})") from None
-        self.module = api.Module(
-            str(self.artifacts / "training_model.onnx"),
-            self.state,
-            str(self.artifacts / "eval_model.onnx"),
-            device="cpu",
-            session_options=session_options(self.manifest),
-        )
+        files = model_files(self.manifest)
+        try:
+            self.module = api.Module(
+                str(self.artifacts / files["training"]),
+                self.state,
+                str(self.artifacts / files["eval"]),
+                device="cpu",
+                session_options=session_options(self.manifest),
+            )
+        except Exception as exc:
+            message = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            raise RunError(f"{self.artifacts}: onnxruntime cannot load the models ({message})") from None
         spec = self.manifest["optimizer"]
         self.lr = float(lr if lr is not None else spec["lr"])
         self.momentum = float(spec.get("momentum") or 0.0) if spec["type"] == "sgd" else 0.0
@@ -115,7 +130,7 @@ class Trainer:
             self.optimizer = None
             self._load_velocity(checkpoint)
         else:
-            self.optimizer = api.Optimizer(str(self.artifacts / "optimizer_model.onnx"), self.module)
+            self.optimizer = api.Optimizer(str(self.artifacts / files["optimizer"]), self.module)
             self.optimizer.set_learning_rate(self.lr)
         self.batch_size = int(self.manifest["inputs"][0]["shape"][0])
 
@@ -206,32 +221,45 @@ class Trainer:
         return losses
 
     def save(self, checkpoint: Path) -> None:
-        """Write the checkpoint atomically: a crash leaves the previous one intact."""
+        """Write the checkpoint atomically: a crash leaves the previous one intact.
+
+        Momentum buffers (numpy SGD) go to a file named by step, written BEFORE the
+        checkpoint, so whichever checkpoint survives a crash finds the velocity of its own step.
+        """
         api = training_api()
         checkpoint = Path(checkpoint)
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        temporary = checkpoint.with_name(checkpoint.name + ".tmp")
-        api.CheckpointState.save_checkpoint(self.state, str(temporary), include_optimizer_state=True)
-        _fsync(temporary)
-        os.replace(temporary, checkpoint)
         if self._velocity:
-            velocity_path = checkpoint.with_name(checkpoint.name + ".momentum.npz")
+            velocity_path = _velocity_path(checkpoint, self.step)
             temporary = velocity_path.with_name(velocity_path.name + ".tmp.npz")
             np.savez(temporary, **self._velocity)
             _fsync(temporary)
             os.replace(temporary, velocity_path)
+        temporary = checkpoint.with_name(checkpoint.name + ".tmp")
+        api.CheckpointState.save_checkpoint(self.state, str(temporary), include_optimizer_state=True)
+        _fsync(temporary)
+        os.replace(temporary, checkpoint)
+        for stale in checkpoint.parent.glob(f"{checkpoint.name}.momentum-*.npz"):
+            if stale.name != _velocity_path(checkpoint, self.step).name:
+                stale.unlink(missing_ok=True)
 
     def _load_velocity(self, checkpoint: Path) -> None:
-        path = checkpoint.with_name(checkpoint.name + ".momentum.npz")
+        path = _velocity_path(checkpoint, self.step)
         if path.is_file():
             with np.load(path) as archive:
                 self._velocity = {name: archive[name] for name in archive.files}
+        elif self.step > 0:
+            raise RunError(f"{checkpoint}: no momentum buffers saved for step {self.step}; cannot resume SGD exactly")
 
     def export_inference(self, path: Path) -> Path:
         """An inference-only ONNX model with the current weights, runnable by plain onnxruntime."""
         output_names = [value["name"] for value in self.manifest["outputs"]]
         self.module.export_model_for_inferencing(str(path), output_names)
         return Path(path)
+
+
+def _velocity_path(checkpoint: Path, step: int) -> Path:
+    return checkpoint.with_name(f"{checkpoint.name}.momentum-{step}.npz")
 
 
 def _fsync(path: Path) -> None:

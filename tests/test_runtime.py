@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -89,6 +90,7 @@ def test_resume_repeats_and_loses_no_step(exported, tmp_path: Path, optimizer: s
 
 def test_sgd_momentum_matches_pytorch(exported, tmp_path: Path) -> None:
     model, onnx_path = exported
+    model = copy.deepcopy(model)  # the fixture's model is shared; this test updates its weights
     lr, momentum = 0.05, 0.9
     artifacts = _compile(onnx_path, tmp_path / "artifacts", optimizer="sgd", lr=lr, momentum=momentum)
     trainer = Trainer(artifacts)
@@ -151,6 +153,7 @@ def test_manifest_records_what_was_compiled(exported, tmp_path: Path) -> None:
 
 def test_adamw_matches_pytorch(exported, tmp_path: Path) -> None:
     model, onnx_path = exported
+    model = copy.deepcopy(model)  # the fixture's model is shared; this test updates its weights
     lr, weight_decay = 0.01, 0.05
     artifacts = _compile(onnx_path, tmp_path / "artifacts", optimizer="adamw", lr=lr, weight_decay=weight_decay)
     trainer = Trainer(artifacts)
@@ -175,6 +178,7 @@ def test_adamw_matches_pytorch(exported, tmp_path: Path) -> None:
 
 def test_mse_loss_matches_pytorch(exported, tmp_path: Path) -> None:
     model, onnx_path = exported
+    model = copy.deepcopy(model)  # the fixture's model is shared; this test updates its weights
     artifacts = _compile(onnx_path, tmp_path / "artifacts", loss="mse")
     trainer = Trainer(artifacts)
     assert trainer.manifest["loss"] == "mse" and trainer.manifest["labels"][0]["name"] == "target"

@@ -1,0 +1,216 @@
+"""`gfcompile bundle`: a self-contained folder (or .tar.gz) to copy onto a device and train there.
+
+The bundle holds the training, eval and optimizer models, the initial checkpoint, the runner's
+sources (`runtime/`, so `python -m runtime` works inside the folder), a README for the device,
+and a manifest: the compile manifest plus a "bundle" entry (which model files to
+load, what the device needs) and the sha256 of every shipped file, the checkpoint included. The
+device runner (`gftrain` / `python -m runtime`) verifies all of them before loading anything.
+
+`--ort-format` ships the training and optimizer models in ORT format (what ORT's minimal and
+mobile builds load; onnxruntime-training 1.19's Module trains from them). The eval model stays
+.onnx: `Module.export_model_for_inferencing` parses the eval model as ONNX protobuf and fails on
+an .ort file, and the inference export is part of the device workflow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tarfile
+import tempfile
+from pathlib import Path
+
+from runtime.bundle import DEFAULT_MODELS, INITIAL_CHECKPOINT
+from runtime.errors import RunError
+from runtime.trainer import load_manifest
+
+from . import __version__
+from .errors import GfError
+from .output import MANIFEST, check_output_dir, file_hashes, publish, staging_directory
+
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz")
+RUNTIME_REQUIREMENTS = ["onnxruntime-training-cpu==1.19.2", "numpy", "Pillow (image folders only)"]
+
+
+def make_bundle(
+    artifacts: Path,
+    output: Path,
+    ort_format: bool = False,
+    preprocess: dict | None = None,
+    force: bool = False,
+) -> Path:
+    """Write a bundle folder, or a .tar.gz when `output` ends that way, and return its path."""
+    artifacts, output = Path(artifacts), Path(output)
+    try:
+        manifest = load_manifest(artifacts, verify=True)
+    except RunError as exc:
+        raise GfError(str(exc)) from None
+    missing = [name for name in [*DEFAULT_MODELS.values(), INITIAL_CHECKPOINT] if not (artifacts / name).is_file()]
+    if missing:
+        raise GfError(f"{artifacts}: {', '.join(missing)} missing; bundle a folder written by gfcompile")
+    if preprocess is not None:
+        manifest["preprocess"] = check_preprocess(preprocess, manifest)
+    archive = output.name.endswith(ARCHIVE_SUFFIXES)
+    if archive:
+        if output.exists() and not force:
+            raise GfError(f"{output}: exists; pass --force to replace it")
+        if output.is_dir():
+            raise GfError(f"{output}: is a directory, expected an archive name")
+        with tempfile.TemporaryDirectory(prefix=".bundle-", dir=output.parent.resolve()) as scratch:
+            name = output.name[: -len(next(s for s in ARCHIVE_SUFFIXES if output.name.endswith(s)))]
+            folder = Path(scratch) / name
+            folder.mkdir()
+            _fill(folder, artifacts, manifest, ort_format)
+            temporary = Path(scratch) / "bundle.tar.gz"
+            with tarfile.open(temporary, "w:gz") as tar:
+                tar.add(folder, arcname=name)
+            os.replace(temporary, output)
+        return output
+    check_output_dir(output, force)
+    with staging_directory(output) as staging:
+        _fill(staging, artifacts, manifest, ort_format)
+        publish(staging, output)
+    return output
+
+
+def check_preprocess(spec: dict, manifest: dict) -> dict:
+    """Validate a preprocessing record: scale, per-channel mean/std, layout."""
+    if not isinstance(spec, dict):
+        raise GfError('--preprocess must be a JSON object like {"scale": 0.00392, "mean": [0.5], "std": [0.25]}')
+    unknown = set(spec) - {"scale", "mean", "std", "layout", "dtype"}
+    if unknown:
+        raise GfError(f"--preprocess has unknown keys {sorted(unknown)} (scale, mean, std, layout)")
+    layout = str(spec.get("layout", "NCHW")).upper()
+    if layout not in ("NCHW", "NHWC"):
+        raise GfError(f"--preprocess layout must be NCHW or NHWC, got {layout!r}")
+    shape = manifest["inputs"][0]["shape"]
+    channels = shape[1] if layout == "NCHW" else shape[-1]
+    checked: dict = {"scale": spec.get("scale", 1.0 / 255.0), "layout": layout, "dtype": "uint8"}
+    if not isinstance(checked["scale"], (int, float)) or checked["scale"] <= 0:
+        raise GfError(f"--preprocess scale must be a positive number, got {checked['scale']!r}")
+    for key, default in (("mean", 0.0), ("std", 1.0)):
+        values = spec.get(key, [default])
+        values = values if isinstance(values, list) else [values]
+        if not values or not all(isinstance(v, (int, float)) for v in values) or len(values) not in (1, channels):
+            raise GfError(f"--preprocess {key} must be 1 or {channels} numbers, got {spec.get(key)!r}")
+        if key == "std" and any(v <= 0 for v in values):
+            raise GfError("--preprocess std must be positive")
+        checked[key] = [float(v) for v in values]
+    return checked
+
+
+def _fill(folder: Path, artifacts: Path, manifest: dict, ort_format: bool) -> None:
+    models = dict(DEFAULT_MODELS)
+    shutil.copy2(artifacts / DEFAULT_MODELS["eval"], folder / DEFAULT_MODELS["eval"])
+    shutil.copy2(artifacts / INITIAL_CHECKPOINT, folder / INITIAL_CHECKPOINT)
+    for role in ("training", "optimizer"):
+        source = artifacts / DEFAULT_MODELS[role]
+        if ort_format:
+            models[role] = source.with_suffix(".ort").name
+            _to_ort_format(source, folder / models[role], manifest)
+        else:
+            shutil.copy2(source, folder / models[role])
+    _copy_runtime(folder / "runtime")
+    bundle_manifest = {key: value for key, value in manifest.items() if key != "files"}
+    bundle_manifest["bundle"] = {
+        "format": "ort" if ort_format else "onnx",
+        "models": models,
+        "initial_checkpoint": INITIAL_CHECKPOINT,
+        "made_by": f"gfcompile {__version__}",
+        "artifacts_manifest_sha256": _sha256(artifacts / MANIFEST),
+        "requires": RUNTIME_REQUIREMENTS,
+    }
+    (folder / "README.md").write_text(_readme(bundle_manifest))
+    bundle_manifest["files"] = file_hashes(folder)
+    (folder / MANIFEST).write_text(json.dumps(bundle_manifest, indent=2) + "\n")
+    folder.chmod(0o755)
+
+
+def _copy_runtime(target: Path) -> None:
+    """The device runner's sources (numpy + onnxruntime-training only), so the bundle runs as it is."""
+    import runtime
+
+    target.mkdir()
+    for source in sorted(Path(runtime.__file__).parent.glob("*.py")):
+        shutil.copy2(source, target / source.name)
+
+
+def _sha256(path: Path) -> str:
+    from .loading import sha256_file
+
+    return sha256_file(path)
+
+
+def _to_ort_format(source: Path, target: Path, manifest: dict) -> None:
+    """Save `source` in ORT format, as onnxruntime's converter does (optimizations fixed at save time).
+
+    The NCHWc layout transformer is disabled: it writes x86-specific kernels into the model, and
+    the bundle is for any CPU (ARM boards, phones).
+    """
+    import onnxruntime as ort
+
+    level = manifest.get("session_options", {}).get("graph_optimization_level", "ORT_ENABLE_ALL")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+    options.optimized_model_filepath = str(target)
+    options.add_session_config_entry("session.save_model_format", "ORT")
+    options.log_severity_level = 3
+    try:
+        ort.InferenceSession(
+            str(source),
+            sess_options=options,
+            providers=["CPUExecutionProvider"],
+            disabled_optimizers=["NchwcTransformer"],
+        )
+    except Exception as exc:
+        message = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise GfError(f"{source.name}: onnxruntime cannot save it in ORT format ({message})") from None
+    if not target.is_file():
+        raise GfError(f"{source.name}: onnxruntime wrote no ORT-format model")
+
+
+def _readme(manifest: dict) -> str:
+    bundle = manifest["bundle"]
+    shape = manifest["inputs"][0]["shape"]
+    classes = manifest["outputs"][0]["shape"][1] if len(manifest["outputs"][0]["shape"]) > 1 else "?"
+    preprocess = manifest.get("preprocess")
+    if preprocess:
+        prep = (
+            f"uint8 pixels x become `(x * {preprocess.get('scale')} - mean) / std` with mean "
+            f"{preprocess.get('mean')} and std {preprocess.get('std')} ({preprocess.get('layout', 'NCHW')})."
+        )
+    else:
+        prep = "none recorded: give float32 data that is already normalised (or re-bundle with --preprocess)."
+    return f"""# gfcompile device bundle
+
+Made by {bundle["made_by"]} ({bundle["format"]} models). Copy this whole folder to the device.
+
+## Needs
+
+Python 3.10 or 3.11 with {", ".join(bundle["requires"])}. No torch, no onnx-graphsurgeon:
+the runner's sources are in `runtime/`.
+
+## Train
+
+    cd THIS_FOLDER
+    python -m runtime . --data DATA --steps 500 --checkpoint-every 10 --export model.onnx
+
+DATA is an `.npz` with arrays `x` (N, {", ".join(str(d) for d in shape[1:])}) and `y`, or a folder with
+one subfolder of images per class (`0/`, `1/`, ... or class names, sorted). Images are converted to
+the input's channel count and resized to its height and width. The model has {classes} classes and
+trains on batches of {shape[0]}.
+
+Preprocessing: {prep}
+
+Before loading anything the runner checks every file against its sha256 in `manifest.json` and
+refuses a corrupted bundle. `checkpoint` is the shipped initial state and is never written;
+training goes to `trained_checkpoint` (or `--checkpoint PATH`), replaced atomically every
+`--checkpoint-every` steps. After a crash or power loss, run the same command again: it resumes at
+the last checkpoint and stops at `--steps` in total, with no lost or repeated steps.
+
+`--export model.onnx` writes an inference model (batch {shape[0]}, standard ONNX ops only) that plain
+`onnxruntime` runs; the runner checks it against the trained eval model before keeping it.
+
+Session options the runtime uses: {json.dumps(manifest.get("session_options", {}))}
+"""
