@@ -59,6 +59,21 @@ def compile_parser() -> argparse.ArgumentParser:
         help="BatchNorm of trainable layers: eval (frozen statistics, affine trains; default), "
         "train (batch statistics), frozen (nothing trains; its backward keeps no activations)",
     )
+    tiling = parser.add_argument_group("row tiling (LR-CNN, exact)")
+    tiling.add_argument("--row-tiles", type=int, default=0, help="split conv chains into K row bands (0: off)")
+    tiling.add_argument("--row-strategy", choices=("overl", "2ps"), default="overl")
+    tiling.add_argument(
+        "--memory-budget",
+        type=float,
+        default=None,
+        metavar="MB",
+        help="pick the smallest K whose estimated peak activation memory fits (MiB)",
+    )
+    tiling.add_argument(
+        "--row-tile-trainable",
+        action="store_true",
+        help="tile trainable layers too; their backward recomputes each band",
+    )
     shapes = parser.add_argument_group("static shapes")
     shapes.add_argument("--batch-size", type=int, default=None, help="training batch size (default 32)")
     shapes.add_argument("--input-shape", type=_shape, default=None, help="input shape C,H,W (or N,C,H,W)")
@@ -205,6 +220,10 @@ def _compile(args: argparse.Namespace) -> int:
         lr=args.lr,
         momentum=args.momentum,
         weight_decay=args.weight_decay,
+        row_tiles=args.row_tiles,
+        row_strategy=args.row_strategy,
+        memory_budget_mb=args.memory_budget,
+        row_tile_trainable=args.row_tile_trainable,
         output_dir=args.output,
         force=args.force,
     )

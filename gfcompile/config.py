@@ -29,6 +29,7 @@ class CompileConfig:
     row_tiles: int = 0
     row_strategy: Literal["overl", "2ps"] = "overl"
     memory_budget_mb: float | None = None
+    row_tile_trainable: bool = False
     output_dir: Path = Path("artifacts")
     force: bool = False
 

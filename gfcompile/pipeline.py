@@ -8,12 +8,22 @@ from pathlib import Path
 import onnx
 import onnxruntime
 
-from passes import activation_mask, bn_eval_affine, cleanup, frozen_bn_fold, gradient_filter, gradient_filter_fusion
+from passes import (
+    activation_mask,
+    bn_eval_affine,
+    cleanup,
+    frozen_bn_fold,
+    gradient_filter,
+    gradient_filter_fusion,
+    row_recompute,
+    row_tiling,
+)
 from passes.base import Plan
 
 from . import __version__
 from .backward import TrainingModels, build_backward
 from .config import DEFAULT_BATCH_SIZE, CompileConfig
+from .errors import GfError
 from .loading import load_and_validate, pin_shapes, sha256_file
 from .output import (
     check_output_dir,
@@ -26,8 +36,8 @@ from .passrunner import pass_name, run_passes
 from .planning import select_layers
 from .summary import format_table, layer_costs, totals
 
-FORWARD_PASSES = (frozen_bn_fold, bn_eval_affine, cleanup)
-TRAINING_PASSES = (gradient_filter, gradient_filter_fusion, activation_mask)
+FORWARD_PASSES = (frozen_bn_fold, bn_eval_affine, cleanup, row_tiling)
+TRAINING_PASSES = (gradient_filter, gradient_filter_fusion, activation_mask, row_recompute)
 
 Reporter = Callable[[str], None]
 
@@ -39,6 +49,8 @@ def compile_model(model_path: Path, config: CompileConfig, report: Reporter = pr
     report_batch_default(model, config, report)
     model = pin_shapes(model, config)
     plan = select_layers(model, config)
+    if config.memory_budget_mb is not None:
+        plan.row_tiles = tiles_for_budget(model, plan, config.memory_budget_mb, report)
     report(describe_plan(plan))
     costs = layer_costs(plan)
     report(format_table(costs))
@@ -83,6 +95,9 @@ def build_manifest(train: TrainingModels, plan: Plan, config: CompileConfig, sou
             "frozen_params": plan.frozen_params,
             "bn_mode": plan.bn_mode,
             "paper_stride_scaling": plan.paper_stride_scaling,
+            "row_tiles": plan.row_tiles,
+            "row_strategy": plan.row_strategy,
+            "row_tile_trainable": plan.row_tile_trainable,
         },
         "inputs": data_inputs,
         "labels": labels,
@@ -95,22 +110,30 @@ def build_manifest(train: TrainingModels, plan: Plan, config: CompileConfig, sou
             "momentum": config.momentum if config.optimizer == "sgd" else None,
             "weight_decay": config.weight_decay,
         },
-        "session_options": {
-            "graph_optimization_level": "ORT_ENABLE_ALL",
-            "execution_order": "DEFAULT",
-            "enable_cpu_mem_arena": True,
-        },
+        "session_options": row_tiling.required_session_options(plan),
         "preprocess": _json_or_none(metadata.get("preprocessing")),
         "metadata": metadata,
     }
 
 
+def tiles_for_budget(model: onnx.ModelProto, plan: Plan, budget_mb: float, report: Reporter) -> int:
+    """The smallest --row-tiles whose estimated peak fits the budget, estimated on the untiled forward."""
+    untiled = run_passes(FORWARD_PASSES[:-1], model, plan, stage="forward")
+    try:
+        tiles = row_tiling.tiles_for_budget(untiled, plan, budget_mb)
+    except ValueError as exc:
+        raise GfError(f"--memory-budget: {exc}") from None
+    report(f"--memory-budget {budget_mb} MiB: using --row-tiles {tiles}")
+    return tiles
+
+
 def describe_plan(plan: Plan) -> str:
     trainable = set(plan.trainable_convs)
     filtered = ", ".join(f"{name} (r={r})" for name, r in plan.filtered.items()) or "none"
+    tiling = f"; row tiles: {plan.row_tiles} ({plan.row_strategy})" if plan.row_tiles >= 2 else ""
     return (
         f"{len(plan.convs)} conv layers; training the last {len(trainable)} "
-        f"({len(plan.trainable_params)} parameter tensors); gradient-filtered: {filtered}"
+        f"({len(plan.trainable_params)} parameter tensors); gradient-filtered: {filtered}{tiling}"
     )
 
 

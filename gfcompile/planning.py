@@ -116,6 +116,10 @@ def select_layers(model: onnx.ModelProto, config: CompileConfig) -> Plan:
         raise GfError(f"--filter-layers {n_filter} is out of range: the model has {count} conv layers")
     if n_train < 1 or n_train > count:
         raise GfError(f"--train-layers {n_train} is out of range: the model has {count} conv layers (1..{count})")
+    if config.row_tiles == 1 or config.row_tiles < 0:
+        raise GfError(f"--row-tiles must be 0 (off) or >= 2, got {config.row_tiles}")
+    if config.row_tiles and config.memory_budget_mb is not None:
+        raise GfError("give either --row-tiles or --memory-budget, not both")
     if n_train < n_filter:
         raise GfError(f"--train-layers {n_train} is smaller than --filter-layers {n_filter}; filtered layers train")
 
@@ -173,6 +177,7 @@ def select_layers(model: onnx.ModelProto, config: CompileConfig) -> Plan:
         paper_stride_scaling=config.paper_stride_scaling,
         row_tiles=config.row_tiles,
         row_strategy=config.row_strategy,
+        row_tile_trainable=config.row_tile_trainable,
     )
 
 

@@ -68,6 +68,7 @@ class Plan:
     paper_stride_scaling: bool = False
     row_tiles: int = 0
     row_strategy: Literal["overl", "2ps"] = "overl"
+    row_tile_trainable: bool = False
 
     def conv(self, node_name: str) -> ConvLayer:
         for layer in self.convs:

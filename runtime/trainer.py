@@ -80,6 +80,9 @@ def session_options(manifest: dict):
     )
     options.execution_order = getattr(ort.ExecutionOrder, spec.get("execution_order", "DEFAULT"))
     options.enable_cpu_mem_arena = bool(spec.get("enable_cpu_mem_arena", True))
+    # Row-tiled artifacts turn these off: ORT otherwise keeps freed band buffers for reuse.
+    options.enable_mem_pattern = bool(spec.get("enable_mem_pattern", True))
+    options.enable_mem_reuse = bool(spec.get("enable_mem_reuse", True))
     options.log_severity_level = 3
     return options
 

@@ -1,0 +1,339 @@
+"""Row-centric backward for row-tiled chains (LR-CNN), a training-graph rewrite. Exact.
+
+`row_tiling` (forward stage) splits conv chains into row bands; ORT's gradient builder then
+back-propagates every band, which keeps every band's activations alive from the forward to
+the backward: as much memory as the untiled chain. This pass makes the backward
+row-centric too:
+
+* Recompute. For every band of a tiled chain whose activations a gradient node reads, the
+  band's forward nodes are duplicated and the band's gradient nodes are rewired to the
+  copies. The originals then die during the forward; only the chain's entry (the band
+  boundary every band is sliced from) and exit stay alive. A data edge (an empty tensor
+  concatenated into the copy's Slice `starts`, see row_tiling._entry_rows) makes the copy
+  wait for the band's incoming gradient and for the complete backward of the band after it,
+  so any topological order, ORT's default reverse DFS included, recomputes and
+  back-propagates one band at a time, last band first.
+* Weight gradients. ORT sums the per-band gradients of a shared weight with one `Sum`
+  node, which keeps all K partial gradients alive until the last band is done; it becomes
+  a chain of Adds in band order, so each partial gradient dies once added.
+* Entry gradient. ORT turns each band's entry Slice into a SliceGrad (a full-size,
+  zero-padded copy of the entry) and sums the K of them: K full-size tensors. Instead, the
+  band gradients are sliced into the row segments between band borders, the overlapping
+  (halo) segments are added, and the segments are concatenated: one full-size tensor.
+* MaxPool indices. ORT's gradient builder gives every MaxPool an indices output (int64,
+  twice the bytes of the pooled tensor) and ORT keeps an output nobody reads until the end
+  of the step; for a VGG-16 at batch 8 that is 95 MiB of frozen-layer indices, more than
+  the tiled frozen layers use. Unread indices outputs are dropped (for tiled or not).
+
+Bands are found by name: row_tiling names band nodes `rowtile/<chain>/band<j>/...` and
+ORT names a gradient node after its forward node (`<forward name>_Grad/...`).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from .base import Plan, Stage
+
+STAGE: Stage = "training"
+REQUIRES: tuple[str, ...] = ("ort_gradient_graph",)
+
+_LOG = logging.getLogger(__name__)
+_BAND = re.compile(r"^rowtile/(?P<chain>.+?)/band(?P<band>\d+)/")
+_GRAD = "_Grad/"
+_GRADIENT_SUFFIX = "_grad"
+_SUFFIX = "/recompute"
+
+
+@dataclass
+class _Band:
+    """One band of one tiled chain in the training graph."""
+
+    chain: str
+    index: int
+    forward: list[gs.Node] = field(default_factory=list)  # the band's forward nodes, graph order
+    backward: list[gs.Node] = field(default_factory=list)  # ORT's gradient nodes of those
+
+    def prefix(self) -> str:
+        return f"rowtile/{self.chain}/band{self.index}/"
+
+
+def gradient_dependent(graph: gs.Graph) -> set[int]:
+    """ids of the nodes that (transitively) read a gradient tensor: the backward part of the graph.
+
+    ORT names every gradient tensor `<tensor>_grad`. Going by data rather than by node name
+    also classifies nodes other training passes added (activation_mask's `Where`) right.
+    """
+    backward: set[int] = set()
+    frontier = [tensor for name, tensor in graph.tensors().items() if name.endswith(_GRADIENT_SUFFIX)]
+    seen: set[str] = set()
+    while frontier:
+        tensor = frontier.pop()
+        if tensor.name in seen:
+            continue
+        seen.add(tensor.name)
+        for consumer in tensor.outputs:
+            if id(consumer) not in backward:
+                backward.add(id(consumer))
+                frontier.extend(consumer.outputs)
+    return backward
+
+
+def tiled_bands(graph: gs.Graph) -> dict[str, dict[int, _Band]]:
+    """Chain name -> band index -> its forward and gradient nodes."""
+    backward = gradient_dependent(graph)
+    chains: dict[str, dict[int, _Band]] = {}
+    for node in graph.nodes:
+        match = _BAND.match(node.name or "")
+        if not match:
+            continue
+        band = chains.setdefault(match["chain"], {}).setdefault(
+            int(match["band"]), _Band(match["chain"], int(match["band"]))
+        )
+        (band.backward if id(node) in backward else band.forward).append(node)
+    return chains
+
+
+def run(graph: gs.Graph, plan: Plan) -> gs.Graph:
+    """Recompute trainable bands inside the backward; drop unread MaxPool indices."""
+    if graph.opset < 13:
+        raise ValueError(f"row recompute needs opset >= 13 (Slice/Concat with tensor inputs), got {graph.opset}")
+    for chain, bands in tiled_bands(graph).items():
+        if any(band.backward for band in bands.values()):
+            _recompute_chain(graph, chain, bands)
+    dropped = drop_unread_pool_indices(graph)
+    if dropped:
+        _LOG.info("row recompute: dropped %d unread MaxPool indices outputs", dropped)
+    graph.cleanup()
+    return graph
+
+
+def drop_unread_pool_indices(graph: gs.Graph) -> int:
+    """Remove the indices output of MaxPool nodes when no node and no graph output reads it."""
+    outputs = {t.name for t in graph.outputs}
+    count = 0
+    for node in graph.nodes:
+        if node.op == "MaxPool" and len(node.outputs) == 2:
+            indices = node.outputs[1]
+            if not indices.outputs and indices.name not in outputs:
+                node.outputs.pop()
+                count += 1
+    return count
+
+
+class _Emitter:
+    def __init__(self, graph: gs.Graph, prefix: str) -> None:
+        self.graph = graph
+        self.prefix = prefix
+        self.count = 0
+
+    def ints(self, values: Sequence[int]) -> gs.Constant:
+        self.count += 1
+        return gs.Constant(f"{self.prefix}/i64_{self.count}", np.array(list(values), dtype=np.int64))
+
+    def op(self, op: str, name: str, inputs: list, shape=None, dtype=np.float32, attrs: dict | None = None):
+        out = gs.Variable(f"{self.prefix}/{name}", dtype=dtype, shape=list(shape) if shape is not None else None)
+        self.graph.nodes.append(
+            gs.Node(op=op, name=f"{self.prefix}/{name}", attrs=dict(attrs or {}), inputs=inputs, outputs=[out])
+        )
+        return out
+
+
+def _recompute_chain(graph: gs.Graph, chain: str, bands: dict[int, _Band]) -> None:
+    em = _Emitter(graph, f"rowtile/{chain}/backward")
+    # First: the band gradients of the entry then leave each band through the assembly, which
+    # the data edges below can wait for (ORT's per-band SliceGrads go away).
+    _assemble_entry_gradient(graph, em, chain, bands)
+    order = sorted(bands, reverse=True)  # the backward runs the last band first
+    finished: list[gs.Tensor] = []  # gradients the previous band's backward hands out
+    for j in order:
+        band = bands[j]
+        if not band.backward:
+            finished = []
+            continue
+        copies = _clone_forward(graph, band)
+        incoming = _incoming_gradients(band)
+        _order_after(em, band, copies, incoming + finished, j)
+        for node in band.backward:
+            node.inputs = [copies.get(t.name, t) if t is not None else t for t in node.inputs]
+        finished = _outgoing(band)
+    _accumulate_in_band_order(graph, bands)
+
+
+def _clone_forward(graph: gs.Graph, band: _Band) -> dict[str, gs.Variable]:
+    """Copy the band's forward nodes that produce what its gradient nodes read; old name -> copy."""
+    produced = {t.name: node for node in band.forward for t in node.outputs}
+    read = {t.name for node in band.backward for t in node.inputs if t is not None and t.name in produced}
+    needed: set[int] = set()
+    stack = [produced[name] for name in read]
+    while stack:
+        node = stack.pop()
+        if id(node) in needed:
+            continue
+        needed.add(id(node))
+        stack.extend(produced[t.name] for t in node.inputs if t is not None and t.name in produced)
+    copies: dict[str, gs.Variable] = {}
+    for node in band.forward:
+        if id(node) not in needed:
+            continue
+        outputs = []
+        for t in node.outputs:
+            copy = gs.Variable(t.name + _SUFFIX, dtype=t.dtype, shape=t.shape)
+            copies[t.name] = copy
+            outputs.append(copy)
+        inputs = [copies.get(t.name, t) if t is not None else t for t in node.inputs]
+        clone = gs.Node(op=node.op, name=node.name + _SUFFIX, attrs=dict(node.attrs), inputs=inputs, outputs=outputs)
+        clone.domain = node.domain
+        graph.nodes.append(clone)
+    return copies
+
+
+def _incoming_gradients(band: _Band) -> list[gs.Tensor]:
+    """Gradients that flow into the band's backward from outside it (the band's output gradient).
+
+    Inputs of the band's gradient nodes that are gradients and do not themselves depend on the
+    band's gradient nodes: ORT sums a gradient that has several readers inside the band (a
+    residual input) with a node named after the tensor, not the band, which must not count.
+    """
+    inside = {id(node) for node in band.backward} | {id(node) for node in band.forward}
+    downstream: set[int] = set()
+    frontier = [t for node in band.backward for t in node.outputs]
+    while frontier:
+        tensor = frontier.pop()
+        for reader in tensor.outputs:
+            if id(reader) not in downstream:
+                downstream.add(id(reader))
+                frontier.extend(reader.outputs)
+    tensors: dict[str, gs.Tensor] = {}
+    for node in band.backward:
+        for t in node.inputs:
+            if t is None or isinstance(t, gs.Constant) or not t.inputs:
+                continue
+            producer = t.inputs[0]
+            if id(producer) in inside or id(producer) in downstream:
+                continue
+            if t.name.endswith(_GRADIENT_SUFFIX) or _GRAD in (producer.name or ""):
+                tensors[t.name] = t
+    return list(tensors.values())
+
+
+def _outgoing(band: _Band) -> list[gs.Tensor]:
+    """What the band's backward hands out: tensors it produces that a node outside it reads."""
+    inside = {id(node) for node in band.backward}
+    result = []
+    for node in band.backward:
+        for t in node.outputs:
+            if t.name and any(id(reader) not in inside for reader in t.outputs):
+                result.append(t)
+    return result
+
+
+def _order_after(em: _Emitter, band: _Band, copies: dict[str, gs.Variable], after: list[gs.Tensor], j: int) -> None:
+    """Make the copied band's entry Slice wait for `after` (see module docstring)."""
+    entry = next(
+        (
+            node
+            for node in band.forward
+            if node.op == "Slice" and node.name == f"{band.prefix()}entry" and node.outputs[0].name in copies
+        ),
+        None,
+    )
+    if entry is None or not after:
+        return
+    clone = copies[entry.outputs[0].name].inputs[0]
+    empties = []
+    for index, tensor in enumerate(after):
+        empty = em.op("Slice", f"edge{j}/after{index}", [tensor, em.ints([0]), em.ints([0]), em.ints([0])])
+        empties.append(em.op("Reshape", f"edge{j}/after{index}/flat", [empty, em.ints([0])], (0,)))
+    joined = empties[0] if len(empties) == 1 else em.op("Concat", f"edge{j}/after", empties, (0,), attrs={"axis": 0})
+    edge = em.op("Cast", f"edge{j}/after/i64", [joined], (0,), np.int64, {"to": onnx.TensorProto.INT64})
+    starts = clone.inputs[1]
+    clone.inputs[1] = em.op("Concat", f"edge{j}/starts", [starts, edge], (1,), np.int64, {"axis": 0})
+
+
+def _band_of(tensor: gs.Tensor) -> int | None:
+    if not tensor.inputs:
+        return None
+    match = _BAND.match(tensor.inputs[0].name or "")
+    return int(match["band"]) if match else None
+
+
+def _accumulate_in_band_order(graph: gs.Graph, bands: dict[int, _Band]) -> None:
+    """Replace ORT's Sum of per-band gradients by Adds in backward (descending band) order."""
+    produced = {id(node) for band in bands.values() for node in band.backward}
+    for node in list(graph.nodes):
+        if node.op != "Sum" or len(node.inputs) < 2:
+            continue
+        if not all(t.inputs and id(t.inputs[0]) in produced for t in node.inputs):
+            continue
+        terms = sorted(node.inputs, key=lambda t: -(_band_of(t) or 0))
+        out = node.outputs[0]
+        node.inputs.clear()
+        node.outputs.clear()
+        total = terms[0]
+        for index, term in enumerate(terms[1:], start=1):
+            last = index == len(terms) - 1
+            result = out if last else gs.Variable(f"{out.name}/partial{index}", dtype=out.dtype, shape=out.shape)
+            graph.nodes.append(gs.Node(op="Add", name=f"{out.name}/add{index}", inputs=[total, term], outputs=[result]))
+            total = result
+
+
+def _assemble_entry_gradient(graph: gs.Graph, em: _Emitter, chain: str, bands: dict[int, _Band]) -> None:
+    """One full-size entry gradient from the band gradients, halos added (replaces SliceGrads + Sum)."""
+    grads = []
+    for j, band in sorted(bands.items()):
+        node = next(
+            (n for n in band.backward if n.op == "SliceGrad" and n.name.startswith(f"{band.prefix()}entry")), None
+        )
+        if node is None:
+            continue
+        starts, ends, axes = node.inputs[2:5]
+        if not all(isinstance(t, gs.Constant) for t in (starts, ends, axes)) or list(axes.values) != [2]:
+            return
+        grads.append((int(starts.values[0]), int(ends.values[0]), node, j))
+    if not grads:
+        return
+    full = grads[0][2].outputs[0]
+    shape = grads[0][2].inputs[1]  # SliceGrad's second input: the entry's shape (often a Shape node)
+    sums = [reader for reader in full.outputs if reader.op == "Sum"]
+    if len(sums) != 1:
+        return
+    accumulate = sums[0]
+    if not all(any(t is g[2].outputs[0] for t in accumulate.inputs) for g in grads):
+        return
+    borders = sorted({s for s, _, _, _ in grads} | {e for _, e, _, _ in grads})
+    pieces = []
+    for top, bottom in zip(borders, borders[1:], strict=False):
+        terms = []
+        for start, end, node, j in grads:
+            if start <= top and bottom <= end:
+                band_grad = node.inputs[0]
+                inputs = [band_grad, em.ints([top - start]), em.ints([bottom - start]), em.ints([2])]
+                terms.append(em.op("Slice", f"entry_grad/rows{top}_{bottom}/from{j}", inputs))
+        total = terms[0]
+        for index, term in enumerate(terms[1:], start=1):
+            total = em.op("Add", f"entry_grad/rows{top}_{bottom}/sum{index}", [total, term])
+        pieces.append(total)
+    covered = em.op("Concat", "entry_grad/rows", pieces, attrs={"axis": 2})
+    # One SliceGrad places the rows the bands read into a zero tensor of the entry's shape (rows
+    # no band read, below a floor-mode pool, get 0), where ORT had one per band.
+    inputs = [covered, shape, em.ints([borders[0]]), em.ints([borders[-1]]), em.ints([2])]
+    placed = em.op("SliceGrad", "entry_grad", inputs)
+    placed.inputs[0].domain = "com.microsoft"
+    slice_grads = {id(g[2].outputs[0]) for g in grads}
+    others = [t for t in accumulate.inputs if id(t) not in slice_grads]
+    accumulate.inputs = [*others, placed]
+    if len(accumulate.inputs) == 1:
+        accumulate.op = "Identity"
+    for _, _, node, _ in grads:
+        node.outputs.clear()
+
+
+__all__ = ["REQUIRES", "STAGE", "drop_unread_pool_indices", "gradient_dependent", "run", "tiled_bands"]
