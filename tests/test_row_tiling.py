@@ -292,9 +292,7 @@ def _forward(
     model = pin_shapes(load_and_validate(path), config)
     plan = select_layers(model, config)
     plan.row_tile_trainable = trainable
-    forward = run_passes(FORWARD_PASSES, model, plan, stage="forward")
-    if tiles:
-        forward = run_passes((row_tiling,), forward, plan, stage="forward")
+    forward = run_passes(FORWARD_PASSES, model, plan, stage="forward")  # row_tiling is the last forward pass
     return forward, plan, config
 
 
@@ -752,10 +750,8 @@ def test_recompute_composes_with_gradient_filter_and_relu_masks(exported: dict[s
         plan = select_layers(model, config)
         plan.row_tile_trainable = True
         forward = run_passes(FORWARD_PASSES, model, plan, stage="forward")
-        if tiles:
-            forward = run_passes((row_tiling,), forward, plan, stage="forward")
         train = build_backward(forward, plan, config, out)
-        training = run_passes((*TRAINING_PASSES, row_recompute), train.training, plan, stage="training")
+        training = run_passes(TRAINING_PASSES, train.training, plan, stage="training")
         onnx.save(training, str(out / "training_model.onnx"))
         api = training_api()
         state = api.CheckpointState.load_checkpoint(str(out / "checkpoint"))
