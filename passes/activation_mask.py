@@ -15,29 +15,10 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .base import Plan, Stage
+from .graph_utils import gradient_dependent_nodes
 
 STAGE: Stage = "training"
 REQUIRES: tuple[str, ...] = ("ort_gradient_graph",)
-
-# ORT names every gradient tensor "<tensor>_grad"; user tensors never end that way.
-GRADIENT_SUFFIX = "_grad"
-
-
-def gradient_dependent_nodes(graph: gs.Graph) -> set[int]:
-    """ids of nodes that (transitively) read a gradient tensor: the backward part of the graph."""
-    backward: set[int] = set()
-    frontier = [tensor for name, tensor in graph.tensors().items() if name.endswith(GRADIENT_SUFFIX)]
-    seen: set[str] = set()
-    while frontier:
-        tensor = frontier.pop()
-        if tensor.name in seen:
-            continue
-        seen.add(tensor.name)
-        for consumer in tensor.outputs:
-            if id(consumer) not in backward:
-                backward.add(id(consumer))
-                frontier.extend(consumer.outputs)
-    return backward
 
 
 def run(graph: gs.Graph, plan: Plan) -> gs.Graph:

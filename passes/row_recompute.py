@@ -41,6 +41,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .base import Plan, Stage
+from .graph_utils import GRADIENT_SUFFIX, gradient_dependent_nodes
 
 STAGE: Stage = "training"
 REQUIRES: tuple[str, ...] = ("ort_gradient_graph",)
@@ -48,7 +49,6 @@ REQUIRES: tuple[str, ...] = ("ort_gradient_graph",)
 _LOG = logging.getLogger(__name__)
 _BAND = re.compile(r"^rowtile/(?P<chain>.+?)/band(?P<band>\d+)/")
 _GRAD = "_Grad/"
-_GRADIENT_SUFFIX = "_grad"
 _SUFFIX = "/recompute"
 
 
@@ -65,30 +65,9 @@ class _Band:
         return f"rowtile/{self.chain}/band{self.index}/"
 
 
-def gradient_dependent(graph: gs.Graph) -> set[int]:
-    """ids of the nodes that (transitively) read a gradient tensor: the backward part of the graph.
-
-    ORT names every gradient tensor `<tensor>_grad`. Going by data rather than by node name
-    also classifies nodes other training passes added (activation_mask's `Where`) right.
-    """
-    backward: set[int] = set()
-    frontier = [tensor for name, tensor in graph.tensors().items() if name.endswith(_GRADIENT_SUFFIX)]
-    seen: set[str] = set()
-    while frontier:
-        tensor = frontier.pop()
-        if tensor.name in seen:
-            continue
-        seen.add(tensor.name)
-        for consumer in tensor.outputs:
-            if id(consumer) not in backward:
-                backward.add(id(consumer))
-                frontier.extend(consumer.outputs)
-    return backward
-
-
 def tiled_bands(graph: gs.Graph) -> dict[str, dict[int, _Band]]:
     """Chain name -> band index -> its forward and gradient nodes."""
-    backward = gradient_dependent(graph)
+    backward = gradient_dependent_nodes(graph)
     chains: dict[str, dict[int, _Band]] = {}
     for node in graph.nodes:
         match = _BAND.match(node.name or "")
@@ -219,7 +198,7 @@ def _incoming_gradients(band: _Band) -> list[gs.Tensor]:
             producer = t.inputs[0]
             if id(producer) in inside or id(producer) in downstream:
                 continue
-            if t.name.endswith(_GRADIENT_SUFFIX) or _GRAD in (producer.name or ""):
+            if t.name.endswith(GRADIENT_SUFFIX) or _GRAD in (producer.name or ""):
                 tensors[t.name] = t
     return list(tensors.values())
 
@@ -336,4 +315,4 @@ def _assemble_entry_gradient(graph: gs.Graph, em: _Emitter, chain: str, bands: d
         node.outputs.clear()
 
 
-__all__ = ["REQUIRES", "STAGE", "drop_unread_pool_indices", "gradient_dependent", "run", "tiled_bands"]
+__all__ = ["REQUIRES", "STAGE", "drop_unread_pool_indices", "run", "tiled_bands"]

@@ -16,6 +16,7 @@ from gfcompile.passrunner import run_passes
 from gfcompile.pipeline import FORWARD_PASSES
 from gfcompile.planning import select_layers
 from passes import activation_mask, gradient_filter
+from passes.graph_utils import gradient_dependent_nodes
 from runtime.ort_training import training_api
 from tests.zoo_helpers import ZOO_CASES, export_case, make_batch, relative_error
 
@@ -48,7 +49,7 @@ def test_relu_mask_is_exact_and_frees_the_activation(tmp_path: Path) -> None:
 
     # Every ReLU output that got a mask is read by no backward node any more.
     graph = gs.import_onnx(masked)
-    backward = activation_mask.gradient_dependent_nodes(graph)
+    backward = gradient_dependent_nodes(graph)
     tensors = graph.tensors()
     for node in graph.nodes:
         if node.op == "Greater" and node.outputs[0].name.endswith("/relu_mask"):
