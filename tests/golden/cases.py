@@ -37,7 +37,9 @@ INPUT_SIZE = {"mobilenet_v2": 48, "resnet18": 48, "resnet34": 48, "mcunet": 48, 
 @dataclass(frozen=True)
 class GoldenCase:
     model: str
-    setting: str  # the README's compile commands: "filter4" (--filter-layers 4), "train4" (--filter-layers 0 --train-layers 4)
+    # The README's compile commands: "filter4" (--filter-layers 4), "train4" (--filter-layers 0
+    # --train-layers 4), "rowtiles4" (--row-tiles 4 with --filter-layers 2).
+    setting: str
     config: dict = field(default_factory=dict)
 
     @property
@@ -55,6 +57,8 @@ def _cases() -> list[GoldenCase]:
         patch_map = {ASPP_POOL_CONV: 1} if ZOO_CASES[model].segmentation else {}
         cases.append(GoldenCase(model, "filter4", {"filter_layers": 4, "patch_size_map": patch_map}))
         cases.append(GoldenCase(model, "train4", {"filter_layers": 0, "train_layers": 4}))
+    # --row-tiles (README): the frozen prefix of a residual net in 4 bands, with filtering on top.
+    cases.append(GoldenCase("resnet18", "rowtiles4", {"filter_layers": 2, "row_tiles": 4}))
     return cases
 
 
