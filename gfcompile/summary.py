@@ -61,7 +61,10 @@ def format_table(rows: list[dict]) -> str:
         f"{_kib(total['compiled_activation_bytes']):>12} {total['vanilla_backward_flops'] / 1e6:>14.2f} "
         f"{total['compiled_backward_flops'] / 1e6:>14.2f}"
     )
-    lines.append(f"activation memory {mem_ratio:.1f}x smaller, backward FLOPs {flop_ratio:.1f}x fewer")
+    if any(row["r"] for row in rows):
+        lines.append(f"activation memory {mem_ratio:.1f}x smaller, backward FLOPs {flop_ratio:.1f}x fewer")
+    else:
+        lines.append("no gradient-filtered layers: compiled costs equal vanilla")
     return "\n".join(lines)
 
 
