@@ -62,3 +62,27 @@ def test_relu_mask_is_exact_and_frees_the_activation(tmp_path: Path) -> None:
     actual = _gradients(train.directory, masked, plan.trainable_params, x, y)
     for name in plan.trainable_params:
         assert relative_error(actual[name], expected[name]) <= 1e-6, name
+
+
+def test_clip_masks_stay_bool_and_gradients_are_exact(tmp_path: Path) -> None:
+    case = dataclasses.replace(ZOO_CASES["mobilenet_v2"], input_shape=(3, 64, 64))
+    _, onnx_path = export_case(case, tmp_path)
+    config = CompileConfig(filter_layers=2, train_layers=4, batch_size=2)
+    model = pin_shapes(load_and_validate(onnx_path), config)
+    plan = select_layers(model, config)
+    forward = run_passes(FORWARD_PASSES, model, plan, stage="forward")
+    train = build_backward(forward, plan, config, tmp_path / "artifacts")
+    before = run_passes((gradient_filter,), train.training, plan, stage="training")
+    after = run_passes((gradient_filter, activation_mask), train.training, plan, stage="training")
+
+    def float_masks(model: onnx.ModelProto) -> list[str]:
+        return [n.name for n in model.graph.node if n.op_type == "Cast" and "Clip_Grad" in n.name]
+
+    # ReLU6 (Clip) gradients: ORT keeps Cast(mask, float) alive for the backward; after the pass
+    # the bool mask feeds a Where instead and no float mask is left.
+    assert float_masks(before) and not float_masks(after)
+    x, y = make_batch(case, 2, 10)
+    expected = _gradients(train.directory, before, plan.trainable_params, x, y)
+    actual = _gradients(train.directory, after, plan.trainable_params, x, y)
+    for name in plan.trainable_params:
+        assert relative_error(actual[name], expected[name]) <= 1e-6, name
