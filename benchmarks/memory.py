@@ -164,7 +164,7 @@ def _markdown(data: dict[str, Any]) -> str:
         "Ratios are variant ÷ baseline (below 1 = less memory). 'analytic act.' is the manifest's "
         "layers.totals: fp32 input activations of the trained convs (vanilla for exact, x~ for filtered).",
         "",
-        md_table(headers, rows, numeric_from=2),
+        md_table(headers, rows, numeric_from=2, text_columns=(3,)),
         "",
         "'ORT fwd→bwd tensors' is static: the bytes of every forward tensor that a backward node of the "
         "compiled training graph reads (what ORT must keep from the forward into the backward; weight-only "
@@ -201,7 +201,7 @@ def _kept_tensors(entries: list[dict[str, Any]], top: int = 6) -> str:
                     ]
                 )
     return f"Largest forward tensors read by the ORT backward (top {top} per variant):\n\n" + md_table(
-        headers, rows, numeric_from=4
+        headers, rows, numeric_from=4, text_columns=(5,)
     )
 
 

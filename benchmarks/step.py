@@ -94,7 +94,7 @@ def _markdown(data: dict[str, Any]) -> str:
         f"per process; each row is a fresh process ({data['repeat']} per row). ORT filtered uses "
         f"r={data['patch_size']}; ORT's memory arena is on. '×' = baseline time ÷ variant time (above 1 = faster).",
         "",
-        md_table(headers, rows, numeric_from=2),
+        md_table(headers, rows, numeric_from=2, text_columns=(3,)),
         "",
         training.compiler_note(data["entries"]),
         "",
