@@ -139,8 +139,8 @@ def export_model(ctx: SuiteContext, model: str, size: int) -> Path:
 def compile_variant(ctx: SuiteContext, config: TrainConfig, variant: str, onnx_path: Path) -> Path:
     """Compile `variant` (ort_exact / ort_filtered) of `config` into the cache, unless a matching build exists."""
     from gfcompile.config import CompileConfig
-    from gfcompile.loading import sha256_file
     from gfcompile.pipeline import compile_model
+    from runtime.trainer import sha256_file
 
     out = ctx.cache_dir / "artifacts" / f"{config.model}_{config.size}_b{config.batch}_{variant}"
     stamp = out.with_name(out.name + ".stamp.json")

@@ -137,7 +137,7 @@ def _copy_runtime(target: Path) -> None:
 
 
 def _sha256(path: Path) -> str:
-    from .loading import sha256_file
+    from runtime.trainer import sha256_file
 
     return sha256_file(path)
 

@@ -414,14 +414,19 @@ def snapshot(path: Path) -> Snapshot:
     )
 
 
-def _artifacts_snapshot(directory: Path) -> Snapshot:
+def read_manifest(directory: Path) -> dict:
+    """The manifest.json of an artifacts folder, or a one-line error saying why it is not one."""
     manifest_path = directory / "manifest.json"
     if not manifest_path.is_file():
         raise GfError(f"{directory}: no manifest.json; expected an artifacts folder written by gfcompile")
     try:
-        manifest = json.loads(manifest_path.read_text())
+        return json.loads(manifest_path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise GfError(f"{manifest_path}: not readable JSON ({exc})") from None
+
+
+def _artifacts_snapshot(directory: Path) -> Snapshot:
+    manifest = read_manifest(directory)
     models: dict[str, dict] = {}
     arrays: dict[str, np.ndarray] = {}
     for name in MODEL_FILES:

@@ -31,7 +31,6 @@ It is an estimate: ORT's allocator reuses, aligns and arenas memory, and its own
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +44,7 @@ from passes.base import ConvLayer
 from passes.gradient_filter import filtered_cost
 
 from .config import CompileConfig
-from .diff import canonical_order, checkpoint_parameters, load_onnx, value_types
+from .diff import canonical_order, checkpoint_parameters, load_onnx, read_manifest, value_types
 from .errors import GfError
 from .planning import conv_layers, select_layers, tensor_shapes
 
@@ -252,13 +251,7 @@ def _tiled_row(group: list[ConvLayer]) -> LayerRow:
 
 
 def inspect_artifacts(directory: Path) -> Inspection:
-    manifest_path = directory / "manifest.json"
-    if not manifest_path.is_file():
-        raise GfError(f"{directory}: no manifest.json; expected an artifacts folder written by gfcompile")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise GfError(f"{manifest_path}: not readable JSON ({exc})") from None
+    manifest = read_manifest(directory)
     for name in ("eval_model.onnx", "training_model.onnx"):
         if not (directory / name).is_file():
             raise GfError(f"{directory}: {name} is missing")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import onnx
@@ -14,14 +13,6 @@ from .errors import GfError
 # What onnxruntime-training 1.19.2 accepts.
 MAX_IR_VERSION = 10
 MAX_OPSET = 21
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_and_validate(model_path: Path) -> onnx.ModelProto:

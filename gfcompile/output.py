@@ -12,8 +12,9 @@ from pathlib import Path
 
 import onnx
 
+from runtime.trainer import sha256_file
+
 from .errors import GfError
-from .loading import sha256_file
 
 MANIFEST = "manifest.json"
 MODEL_FILES = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx")

@@ -19,12 +19,13 @@ from passes import (
     row_tiling,
 )
 from passes.base import Plan
+from runtime.trainer import sha256_file
 
 from . import __version__
 from .backward import TrainingModels, build_backward
 from .config import DEFAULT_BATCH_SIZE, CompileConfig
 from .errors import GfError
-from .loading import load_and_validate, pin_shapes, sha256_file
+from .loading import load_and_validate, pin_shapes
 from .output import (
     check_output_dir,
     publish,
