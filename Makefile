@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 $(BIN)/gfcompile: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,federated]'
 	touch $(BIN)/gfcompile
 
 setup: $(BIN)/gfcompile

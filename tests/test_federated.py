@@ -1,0 +1,335 @@
+"""Federated fine-tuning with Flower: partitions, the torch-free client, FedAvg/FedProx, failures, deployment.
+
+The server's aggregate is checked against a numpy FedAvg of what the clients actually returned,
+captured inside the clients by a Flower mod (independent of the strategy under test).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gfcompile.config import CompileConfig
+from gfcompile.federate import PARAMS_NAME, FederateConfig, simulate
+from gfcompile.pipeline import compile_model
+from runtime.data import load_npz
+from runtime.errors import RunError
+from runtime.federated import FederatedClient, trainable_values
+from runtime.federated_data import class_skew, dirichlet_partition
+from runtime.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ROOT / "models" / "zoo" / "mobilenetv2_digits.onnx"
+TRAIN = ROOT / "models" / "data" / "digits_5to9_train.npz"
+TEST = ROOT / "models" / "data" / "digits_5to9_test.npz"
+BATCH = 8
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("fed") / "artifacts"
+    config = CompileConfig(filter_layers=2, batch_size=BATCH, lr=0.003, output_dir=out)
+    return compile_model(MODEL, config, report=lambda message: None)
+
+
+def _client(artifacts: Path, samples: int = 64, lr: float | None = None) -> FederatedClient:
+    manifest = json.loads((artifacts / "manifest.json").read_text())
+    data = load_npz(TRAIN, manifest)
+    data.x, data.y = data.x[:samples], data.y[:samples]
+    return FederatedClient(artifacts, data, lr=lr)
+
+
+# --- partitions ------------------------------------------------------------------------------
+
+
+def test_dirichlet_partition_assigns_every_sample_once_and_is_deterministic() -> None:
+    labels = np.random.default_rng(1).integers(0, 5, size=700)
+    parts = dirichlet_partition(labels, 10, alpha=0.3, seed=4, min_size=8)
+    joined = np.concatenate(parts)
+    assert len(joined) == len(labels)
+    assert np.array_equal(np.sort(joined), np.arange(len(labels)))
+    assert min(len(part) for part in parts) >= 8
+    again = dirichlet_partition(labels, 10, alpha=0.3, seed=4, min_size=8)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again, strict=True))
+    other = dirichlet_partition(labels, 10, alpha=0.3, seed=5, min_size=8)
+    assert not all(np.array_equal(a, b) for a, b in zip(parts, other, strict=True))
+
+
+def test_dirichlet_class_skew_grows_as_alpha_shrinks() -> None:
+    labels = np.repeat(np.arange(5), 140)
+    skews = [
+        np.mean([class_skew(labels, dirichlet_partition(labels, 10, alpha, seed)) for seed in range(5)])
+        for alpha in (100.0, 1.0, 0.1)
+    ]
+    assert skews[0] < 0.1  # near IID
+    assert skews[0] < skews[1] < skews[2]
+    assert skews[2] > 0.5  # most partitions hold one or two classes
+
+
+def test_dirichlet_partition_refuses_impossible_requests() -> None:
+    labels = np.arange(20) % 2
+    with pytest.raises(RunError, match="cannot give 5 partitions at least 8 samples"):
+        dirichlet_partition(labels, 5, alpha=1.0, min_size=8)
+    with pytest.raises(RunError, match="alpha must be > 0"):
+        dirichlet_partition(labels, 2, alpha=0.0)
+
+
+# --- the client ------------------------------------------------------------------------------
+
+
+def test_client_returns_only_trainable_parameters_and_rejects_wrong_ones(artifacts: Path) -> None:
+    client = _client(artifacts)
+    reference = Trainer(artifacts)
+    start = trainable_values(reference)
+    result = client.fit(start, steps=2, seed=0)
+    assert list(result.arrays) == reference.manifest["plan"]["trainable_params"]
+    assert all(result.arrays[name].shape == start[name].shape for name in start)
+    assert any(not np.array_equal(result.arrays[name], start[name]) for name in start)
+    frozen = [name for name, _ in reference.state.parameters if name not in start]
+    frozen_bytes = sum(reference.state.parameters[name].data.nbytes for name in frozen)
+    payload = sum(value.nbytes for value in result.arrays.values())
+    assert frozen and payload < frozen_bytes  # the frozen majority stays on the device
+
+    loss, accuracy = client.evaluate(start)
+    expected = reference.evaluate(client.data)
+    assert (loss, accuracy) == pytest.approx((expected.loss, expected.accuracy))
+
+    name = next(iter(start))
+    wrong = {**start, name: np.zeros((3, 2), np.float32)}
+    with pytest.raises(RunError, match=rf"parameter {name} has shape \[3, 2\], the bundle expects"):
+        client.fit(wrong, steps=1)
+    with pytest.raises(RunError, match="are not trainable in this bundle"):
+        client.fit({**start, frozen[0]: reference.state.parameters[frozen[0]].data}, steps=1)
+    with pytest.raises(RunError, match="missing trainable parameter"):
+        client.fit({key: value for key, value in start.items() if key != name}, steps=1)
+    with pytest.raises(RunError, match="NaN or Inf"):
+        client.fit({**start, name: np.full_like(start[name], np.nan)}, steps=1)
+
+
+def test_fedprox_pull_matches_the_sgd_proximal_step(tmp_path: Path) -> None:
+    """Plain SGD: w2 = w1 - lr * (g(w1) + mu * (w1 - w0)), with w1 and g(w1) as without the term."""
+    config = CompileConfig(
+        filter_layers=2, batch_size=BATCH, optimizer="sgd", momentum=0.0, lr=0.01, output_dir=tmp_path
+    )
+    sgd = compile_model(MODEL, config, report=lambda message: None)
+    client = _client(sgd)
+    w0 = trainable_values(Trainer(sgd))
+    mu = 5.0
+    w1 = client.fit(w0, steps=1, seed=3).arrays
+    plain = client.fit(w0, steps=2, seed=3).arrays
+    prox = client.fit(w0, steps=2, seed=3, proximal_mu=mu).arrays
+    for name in w0:
+        expected = plain[name] - 0.01 * mu * (w1[name] - w0[name])
+        np.testing.assert_allclose(prox[name], expected, rtol=1e-5, atol=1e-7)
+    assert any(not np.allclose(prox[name], plain[name]) for name in w0)
+
+
+def test_client_runs_without_torch(artifacts: Path) -> None:
+    script = f"""
+import sys
+from pathlib import Path
+sys.modules["torch"] = None              # any `import torch` now raises ImportError
+sys.modules["onnx_graphsurgeon"] = None
+sys.path.insert(0, {str(ROOT)!r})
+from runtime.data import load_npz
+from runtime.federated import FederatedClient, build_client_app, trainable_values
+from runtime.trainer import Trainer
+build_client_app()
+trainer = Trainer(Path({str(artifacts)!r}))
+client = FederatedClient(trainer.artifacts, load_npz(Path({str(TRAIN)!r}), trainer.manifest))
+client.fit(trainable_values(trainer), steps=1)
+assert "torch" not in [name for name, module in sys.modules.items() if module is not None]
+print("TORCH_FREE_OK")
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert "TORCH_FREE_OK" in result.stdout, result.stderr[-2000:]
+
+
+# --- simulation ------------------------------------------------------------------------------
+
+
+def _capture_mod(directory: Path, faults: dict | None = None):
+    """A Flower mod that saves what each client received and returned, and can inject faults.
+
+    It runs inside the simulation's Ray workers, so it reports through files. `faults` maps
+    (round, partition) to "crash" (raise after training, i.e. mid-round) or "bad-shape".
+    """
+    faults = dict(faults or {})
+
+    def mod(msg, context, call_next):
+        from flwr.app import Array, Message, RecordDict
+
+        partition = int(context.node_config["partition-id"])
+        server_round = int(msg.content["config"]["server-round"])
+        received = {name: array.numpy() for name, array in msg.content["arrays"].items()}
+        mu = float(msg.content["config"].get("proximal-mu", -1.0))
+        np.savez(directory / f"in_r{server_round}_p{partition}.npz", __mu__=np.array(mu), **received)
+        reply = call_next(msg, context)
+        fault = faults.get((server_round, partition))
+        if fault == "crash":
+            raise RuntimeError("simulated device crash in the middle of the round")
+        if reply.has_error():
+            return reply
+        returned = {name: array.numpy() for name, array in reply.content["arrays"].items()}
+        if fault == "bad-shape":
+            first = next(iter(returned))
+            returned[first] = returned[first].reshape(-1)[:7]
+            arrays = reply.content["arrays"]
+            arrays[first] = Array(returned[first])
+            reply = Message(RecordDict({"arrays": arrays, "metrics": reply.content["metrics"]}), reply_to=msg)
+            return reply
+        weight = reply.content["metrics"]["num-examples"]
+        np.savez(directory / f"out_r{server_round}_p{partition}.npz", __weight__=np.array(weight), **returned)
+        return reply
+
+    return mod
+
+
+def _fedavg(directory: Path, server_round: int) -> dict[str, np.ndarray]:
+    """numpy FedAvg: the example-weighted mean of the replies the clients returned in one round."""
+    replies = [dict(np.load(path)) for path in sorted(directory.glob(f"out_r{server_round}_p*.npz"))]
+    weights = np.array([float(reply.pop("__weight__")) for reply in replies])
+    weights /= weights.sum()
+    return {
+        name: sum(w * reply[name].astype(np.float64) for w, reply in zip(weights, replies, strict=True))
+        for name in replies[0]
+    }
+
+
+def _received(directory: Path, server_round: int, partition: int) -> tuple[dict[str, np.ndarray], float]:
+    arrays = dict(np.load(directory / f"in_r{server_round}_p{partition}.npz"))
+    return arrays, float(arrays.pop("__mu__"))
+
+
+def _assert_close(actual: dict, expected: dict) -> None:
+    assert sorted(actual) == sorted(expected)
+    for name in expected:
+        np.testing.assert_allclose(actual[name], expected[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_simulation_ten_clients_learn_and_aggregate_is_numpy_fedavg(artifacts: Path, tmp_path: Path) -> None:
+    captured = tmp_path / "captured"
+    captured.mkdir()
+    config = FederateConfig(
+        artifacts=artifacts,
+        train_data=TRAIN,
+        test_data=TEST,
+        out=tmp_path / "out",
+        num_clients=10,
+        rounds=3,
+        local_steps=5,
+    )
+    log = simulate(config, client_mods=[_capture_mod(captured)])
+
+    rounds = log["rounds"]
+    assert [entry["round"] for entry in rounds] == [0, 1, 2, 3]
+    assert rounds[-1]["accuracy"] > rounds[0]["accuracy"] + 0.1
+    trainable_bytes = log["trainable_bytes"]
+    for entry in rounds[1:]:
+        assert len(entry["clients"]) == 10 and not entry["failures"] and not entry["rejected"]
+        # Each reply carries the trainable tensors plus small npy headers, nothing frozen.
+        assert all(trainable_bytes <= client["bytes_up"] < trainable_bytes + 2048 for client in entry["clients"])
+        assert entry["time_s"] > 0
+    assert (tmp_path / "out" / "federated.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # The global model after round r is what every client received in round r + 1, and after the
+    # last round what the server saved; each must equal the numpy FedAvg of round r's replies.
+    for server_round in (1, 2):
+        sent, mu = _received(captured, server_round + 1, 0)
+        assert mu == -1.0  # FedAvg sends no proximal term
+        _assert_close(sent, _fedavg(captured, server_round))
+    _assert_close(dict(np.load(tmp_path / "out" / PARAMS_NAME)), _fedavg(captured, 3))
+
+
+def test_crashed_and_malformed_clients_do_not_stop_the_fedprox_round(artifacts: Path, tmp_path: Path) -> None:
+    captured = tmp_path / "captured"
+    captured.mkdir()
+    faults = {(1, 1): "crash", (1, 2): "bad-shape"}
+    config = FederateConfig(
+        artifacts=artifacts,
+        train_data=TRAIN,
+        test_data=TEST,
+        out=tmp_path / "out",
+        num_clients=4,
+        rounds=2,
+        local_steps=2,
+        strategy="fedprox",
+        proximal_mu=0.1,
+    )
+    log = simulate(config, client_mods=[_capture_mod(captured, faults)])
+
+    first, second = log["rounds"][1], log["rounds"][2]
+    assert sorted(client["partition_id"] for client in first["clients"]) == [0, 3]
+    assert len(first["failures"]) == 1 and "simulated device crash" in first["failures"][0]["reason"]
+    assert len(first["rejected"]) == 1
+    assert "has shape [7], the bundle expects" in first["rejected"][0]["reason"]
+    # The round's aggregate is the FedAvg of the two good replies only.
+    sent, mu = _received(captured, 2, 0)
+    assert mu == pytest.approx(0.1)  # FedProx's mu reaches the clients
+    _assert_close(sent, _fedavg(captured, 1))
+    # The crashed and the malformed client take part again in the next round.
+    assert len(second["clients"]) == 4 and not second["failures"] and not second["rejected"]
+
+
+def test_federate_config_and_cli_errors_are_one_line(tmp_path: Path, capsys) -> None:
+    from gfcompile.errors import GfError
+    from gfcompile.federate_cli import main
+
+    with pytest.raises(GfError, match="FedProx needs --proximal-mu > 0"):
+        FederateConfig(artifacts=tmp_path, train_data=TRAIN, test_data=TEST, out=tmp_path, strategy="fedprox")
+    with pytest.raises(GfError, match="fraction-train must be in"):
+        FederateConfig(artifacts=tmp_path, train_data=TRAIN, test_data=TEST, out=tmp_path, fraction_train=0.0)
+    assert main([str(tmp_path), "--train-data", str(TRAIN), "--test-data", str(TEST)]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "no manifest.json; compile the model first" in error[0]
+
+
+# --- deployment ------------------------------------------------------------------------------
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def test_loopback_deployment_three_supernodes_two_rounds_then_shutdown(artifacts: Path, tmp_path: Path) -> None:
+    command = [
+        sys.executable,
+        str(ROOT / "scripts" / "federated_loopback.py"),
+        str(artifacts),
+        "--train-data",
+        str(TRAIN),
+        "--test-data",
+        str(TEST),
+        "-o",
+        str(tmp_path / "out"),
+        "--supernodes",
+        "3",
+        "--rounds",
+        "2",
+        "--local-steps",
+        "3",
+        "--timeout",
+        "240",
+        "--keep-logs",
+        str(tmp_path / "logs"),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["leftover_pids"] == []
+    # SuperLink, 3 SuperNodes and the processes they spawned (SuperExec, ServerApp, ClientApps).
+    assert len(summary["pids"]) >= 4
+    assert not [pid for pid in summary["pids"] if _alive(pid)]
+    log = json.loads((tmp_path / "out" / "federated_log.json").read_text())
+    assert [entry["round"] for entry in log["rounds"]] == [0, 1, 2]
+    for entry in log["rounds"][1:]:
+        assert sorted(client["partition_id"] for client in entry["clients"]) == [0, 1, 2]
+    assert (tmp_path / "out" / "federated.png").is_file()
