@@ -22,16 +22,25 @@ padding, instead of the W~ channel mix. `plan.paper_stride_scaling` drops 1/(s_h
 
 The dilated form drops taps that shift by a whole grid or more (they only read zeros).
 
-Why these ops (ORT 1.19 CPU, one thread, 32x128x120x160 float32, r=2): AveragePool
-over r x r windows is 25% slower than a MatMul with a small 0/1 block matrix over the
-column pairs followed by a ReduceSum over the row pairs; nearest upsampling is the
-mirror image (0/1 MatMul for columns, then one Gather over rows that also does the crop
-and the zero fill), where Expand and Resize are 1.5-4x slower. The channel mix is one
-batched MatMul, grad_W one batched FusedMatMul(transB) whose alpha carries the scale.
+Why these ops (ORT 1.19 CPU, 2 threads, batch 32, the paper's 3x3 layer shapes): ORT
+runs ~20 small ops with a fixed cost each, so the op count and a few slow ORT kernels
+(Expand into the last axes, a Transpose moving 9-float runs, ReduceSum over a
+middle axis of a short row) decided the small layers, not the FLOPs. Hence:
+- pooling: ONE MatMul with a 0/1 (or 1/count) matrix reads g_y once when each element
+  feeds few outputs (r whole rows -> p_w windows, or the whole map -> every window);
+  wide maps use a 0/1 MatMul over column blocks then a ReduceSum over row pairs;
+- grad_W and the channel mix: with few patches, g^ and x~ are transposed to
+  channel-major (small tensors) so each is ONE GEMM over batch x patches; with many,
+  per-sample batched GEMMs, the FusedMatMul alpha carrying the scale;
+- W~: the taps are summed first (a GEMV whose vector carries the scale), then the small
+  C_out x C_in/g matrix is transposed;
+- grad_b: a GEMV of g^ with per-patch weights (ones for sums, window counts for
+  means), never another pass over g_y; grad_W's taps: a broadcast Mul with ones;
+- upsample: a 0/1 MatMul for the columns, then one Gather over rows that also does the
+  crop and the zero fill (Expand and Resize measured 1.5-4x slower).
 The constant factors (1/r^2 of an aligned mean, R^2 of an AveragePool-based sum,
-1/(s_h s_w)) are folded into W~ or that alpha, so no extra pass over a big tensor runs.
-Measured against ORT's ConvGrad (3x3, stride 1, same shapes): backward without the
-upsample ~22x faster at r=2 and ~50x at r=4; ~17x and ~31x including it.
+1/(s_h s_w)) are folded into W~ or a GEMM's alpha, so no extra pass over a big tensor runs.
+See benchmarks/layers.py and the README for the measured speed-ups.
 """
 
 from __future__ import annotations
@@ -351,6 +360,12 @@ class _Emitter:
         return self.op("Mul", name, [src, self.const(f"{name}_factor", np.array(factor, dtype=np.float32))], shape)
 
 
+# One MatMul pools a tensor in a single pass when each element feeds at most this many
+# outputs (2 FLOPs each); the two-stage block sum / AveragePool win beyond it (measured
+# at 14x14..120x160: a win up to p_w = 20, a loss from 28 on).
+_ONE_PASS_MAX_OUTPUTS = 24
+
+
 def _block_width(count: int) -> int:
     """How many outputs one row of the 0/1 pooling/upsampling MatMul produces.
 
@@ -367,6 +382,12 @@ def _block_sum(em: _Emitter, name: str, src: gs.Tensor, shape: tuple[int, ...], 
     p_h, p_w = h // b_h, w // b_w
     if b_h == 1 and b_w == 1:
         return em.op("Identity", name, [src], shape)
+    if p_w <= _ONE_PASS_MAX_OUTPUTS:
+        # b_h whole rows are contiguous: (N*C*p_h, b_h*W) @ (b_h*W, p_w) reads src once.
+        window = np.kron(np.eye(p_w, dtype=np.float32), np.ones((b_w, 1), dtype=np.float32))
+        flat = em.reshape(f"{name}_rows", src, (n * c * p_h, b_h * w))
+        matrix = em.const(f"{name}_matrix", np.tile(window, (b_h, 1)))
+        return em.reshape(name, em.op("MatMul", f"{name}_mm", [flat, matrix], (n * c * p_h, p_w)), (n, c, p_h, p_w))
     cur: gs.Tensor = src
     # Columns first (MatMul with a 0/1 block matrix), then row groups (ReduceSum over the
     # middle axis of (N*C*p_h, b_h, p_w), ORT's bandwidth-bound KRK path): 7% faster than
@@ -421,17 +442,55 @@ def _pool_input(em: _Emitter, x: gs.Tensor, layer: ConvLayer, geom: FilterGeomet
     return _block_sum(em, "x_pool", padded, (n, c, p_h * R_h, p_w * R_w), R_h, R_w), 1.0
 
 
-def _pool_grad(em: _Emitter, g_y: gs.Tensor, layer: ConvLayer, geom: FilterGeometry) -> tuple[gs.Tensor, float, bool]:
-    """g^ as (tensor, factor to the MEAN, whether the tensor holds exact window sums)."""
+def _window_matrix(size: int, r: int, begin: int, count: int) -> np.ndarray:
+    """size x count 0/1 matrix: column j marks the in-image elements of window j (pad `begin`)."""
+    starts = np.arange(count) * r - begin
+    index = np.arange(size)[:, None]
+    return ((index >= starts) & (index < starts + r)).astype(np.float64)
+
+
+def _pool_grad(
+    em: _Emitter, g_y: gs.Tensor, layer: ConvLayer, geom: FilterGeometry
+) -> tuple[gs.Tensor, float, np.ndarray]:
+    """g^ as (tensor, factor to the MEAN, per-patch weights whose dot with g^ is the window sum).
+
+    Aligned windows give exact block SUMS (the 1/r^2 folds into small tensors later);
+    the others give exact MEANS over in-image elements, which is what the method defines.
+    """
     r = geom.r
+    n, c, h, w = layer.y_shape
+    p_h, p_w = geom.grid
+    rows = _window_matrix(h, r, geom.g_pads[0], p_h)
+    cols = _window_matrix(w, r, geom.g_pads[1], p_w)
+    counts = np.outer(rows.sum(axis=0), cols.sum(axis=0)).reshape(-1)
     if r == 1:
-        return g_y, 1.0, True
+        return g_y, 1.0, counts
     if geom.g_aligned:
-        return _block_sum(em, "g_pool", g_y, layer.y_shape, r, r), 1.0 / (r * r), True
+        return _block_sum(em, "g_pool", g_y, layer.y_shape, r, r), 1.0 / (r * r), np.ones_like(counts)
+    # Dividing the 0/1 windows by their counts makes the MatMul forms below exact means.
+    rows, cols = rows / rows.sum(axis=0), cols / cols.sum(axis=0)
+    to_mean, weights = 1.0, counts
+    rows_whole = geom.g_pads[0] == 0 and geom.g_pads[2] == 0
+    if rows_whole and p_w <= _ONE_PASS_MAX_OUTPUTS:
+        # r whole rows are contiguous: (N*C*p_h, r*W) @ (r*W, p_w) reads g_y once.
+        matrix = np.tile(cols, (r, 1)) / r
+        flat = em.reshape("g_pool_rows", g_y, (n * c * p_h, r * w))
+        pooled = em.op(
+            "MatMul", "g_pool_mm", [flat, em.const("g_pool_matrix", matrix.astype(np.float32))], (n * c * p_h, p_w)
+        )
+        return em.reshape("g_pool", pooled, geom.g_pooled_shape), to_mean, weights
+    if p_h * p_w <= _ONE_PASS_MAX_OUTPUTS:
+        # Every window at once (any pads): (N*C, H*W) @ kron(rows, cols).
+        matrix = np.kron(rows, cols)
+        flat = em.reshape("g_pool_rows", g_y, (n * c, h * w))
+        pooled = em.op(
+            "MatMul", "g_pool_mm", [flat, em.const("g_pool_matrix", matrix.astype(np.float32))], (n * c, p_h * p_w)
+        )
+        return em.reshape("g_pool", pooled, geom.g_pooled_shape), to_mean, weights
     # Border windows are partly outside the image: count_include_pad=0 divides by the
     # in-image count, which is the exact mean the method defines.
     attrs = {"kernel_shape": [r, r], "strides": [r, r], "pads": list(geom.g_pads), "count_include_pad": 0}
-    return em.op("AveragePool", "g_pool", [g_y], geom.g_pooled_shape, attrs), 1.0, False
+    return em.op("AveragePool", "g_pool", [g_y], geom.g_pooled_shape, attrs), to_mean, weights
 
 
 def _window(em: _Emitter, name: str, src: gs.Tensor, shape: tuple[int, ...], axis: int, start: int, length: int):
@@ -485,6 +544,13 @@ def _redirect(produced: gs.Tensor, target: gs.Variable) -> None:
     node.outputs.append(target)
 
 
+# Up to this many patches per sample, g^ and x~ are transposed to channel-major (small
+# tensors) so that grad_W and the channel mix are each ONE GEMM over (batch x patches);
+# above it the per-sample batched GEMMs are already large and those transposes cost more
+# (measured: 0.3-0.65x at 16-49 patches, 1.2x at 196, 1.5-2.5x at 1200-4800).
+_ONE_GEMM_MAX_PATCHES = 64
+
+
 def _rewrite(graph: gs.Graph, layer: ConvLayer, geom: FilterGeometry, conv_grad: gs.Node, paper: bool) -> None:
     g_y, x, w = conv_grad.inputs[:3]
     outputs = list(conv_grad.outputs) + [None] * (3 - len(conv_grad.outputs))
@@ -503,15 +569,18 @@ def _rewrite(graph: gs.Graph, layer: ConvLayer, geom: FilterGeometry, conv_grad:
     patches = p_h * p_w
     stride_div = 1.0 if paper else float(geom.strides[0] * geom.strides[1])
 
-    g_hat, to_mean, holds_sums = _pool_grad(em, g_y, layer, geom)
+    g_hat, to_mean, bias_weights = _pool_grad(em, g_y, layer, geom)
+    # Channel-major g^ (group, C_out/g, N*P), shared by grad_W and the channel mix.
+    one_gemm = cin_g > 1 and patches <= _ONE_GEMM_MAX_PATCHES
+    g_major = _channel_major(em, "g_major", g_hat, (n, group, cout_g, patches)) if one_gemm else None
 
     if d_b is not None:
-        # Exact: the window sums already add up to sum(g_y); else reduce g_y itself.
-        source, size = (g_hat, patches) if holds_sums else (g_y, layer.y_shape[2] * layer.y_shape[3])
-        # Trailing axis first (ORT's contiguous fast path), then the batch: 30% faster
-        # than one ReduceSum over (0, 2, 3).
-        flat = em.reshape("bias_flat", source, (n, c_out, size))
-        per_sample = em.reduce_sum("bias_per_sample", flat, (2,), (n, c_out))
+        # Exact: sum over pixels == per-patch weights (ones for window sums, in-image
+        # counts for means) dotted with g^, a GEMV at patch resolution instead of a pass over g_y.
+        flat = em.reshape("bias_flat", g_hat, (n * c_out, patches))
+        weights = em.const("bias_weights", bias_weights.reshape(patches, 1).astype(np.float32))
+        per_sample = em.op("MatMul", "bias_per_sample", [flat, weights], (n * c_out, 1))
+        per_sample = em.reshape("bias_rows", per_sample, (n, c_out))
         _redirect(em.reduce_sum("bias_sum", per_sample, (0,), (c_out,)), d_b)
 
     if d_w is not None:
@@ -525,6 +594,10 @@ def _rewrite(graph: gs.Graph, layer: ConvLayer, geom: FilterGeometry, conv_grad:
             prod = em.op("Mul", "gw_prod", [gq, xq], (n, group, cout_g, patches))
             per_tap = em.reduce_sum("gw_sum", prod, (0, 3), (group, cout_g))
             per_tap = em.scale("gw_scaled", per_tap, alpha, (group, cout_g))
+        elif g_major is not None:
+            x_major = _channel_major(em, "x_major", x_tilde, (n, group, cin_g, patches))
+            attrs = {"transA": 0, "transB": 1, "alpha": float(alpha)}
+            per_tap = em.op("FusedMatMul", "gw_prod", [g_major, x_major], (group, cout_g, cin_g), attrs, _MS_DOMAIN)
         else:
             gq = em.reshape("gw_g", g_hat, (n, group, cout_g, patches))
             xq = em.reshape("gw_x", x_tilde, (n, group, cin_g, patches))
@@ -532,29 +605,40 @@ def _rewrite(graph: gs.Graph, layer: ConvLayer, geom: FilterGeometry, conv_grad:
             attrs = {"transA": 0, "transB": 1, "alpha": float(alpha)}
             prod = em.op("FusedMatMul", "gw_prod", [gq, xq], (n, group, cout_g, cin_g), attrs, _MS_DOMAIN)
             per_tap = em.reduce_sum("gw_sum", prod, (0,), (group, cout_g, cin_g))
-        column = em.reshape("gw_taps", per_tap, (c_out, cin_g, 1, 1))
         if (k_h, k_w) == (1, 1):
-            _redirect(column, d_w)
+            _redirect(em.reshape("gw_taps", per_tap, (c_out, cin_g, 1, 1)), d_w)
         else:
-            full = em.op(
-                "Expand",
-                "gw_full",
-                [column, em.ints("gw_full_shape", (c_out, cin_g, k_h, k_w))],
-                (c_out, cin_g, k_h, k_w),
-            )
-            _redirect(full, d_w)
+            # The same value on every tap: a broadcast Mul with ones, 3x faster in ORT than
+            # Expand or Tile (measured at C=512), and written straight in the 4-D layout.
+            column = em.reshape("gw_taps", per_tap, (c_out, cin_g, 1, 1))
+            ones = em.const("gw_full_ones", np.ones((1, 1, k_h, k_w), dtype=np.float32))
+            _redirect(em.op("Mul", "gw_full", [column, ones], (c_out, cin_g, k_h, k_w)), d_w)
 
     if d_x is not None:
         factor = to_mean / stride_div
         if geom.spatial:
             g_hat_x = _spatial_input_grad(em, g_hat, w, layer, geom, factor)
         else:
-            g_hat_x = _mixed_input_grad(em, g_hat, w, layer, geom, factor)
+            g_hat_x = _mixed_input_grad(em, g_hat, g_major, w, layer, geom, factor)
         _redirect(_upsample(em, g_hat_x, layer, geom), d_x)
 
 
+def _channel_major(em: _Emitter, name: str, src: gs.Tensor, shape: tuple[int, int, int, int]) -> gs.Variable:
+    """(N, G, C/G, P) view of `src` transposed to (G, C/G, N*P): one GEMM then contracts N and P together."""
+    n, group, per_group, patches = shape
+    grouped = em.reshape(f"{name}_in", src, shape)
+    moved = em.op("Transpose", name, [grouped], (group, per_group, n, patches), {"perm": [1, 2, 0, 3]})
+    return em.reshape(f"{name}_flat", moved, (group, per_group, n * patches))
+
+
 def _mixed_input_grad(
-    em: _Emitter, g_hat: gs.Tensor, w: gs.Tensor, layer: ConvLayer, geom: FilterGeometry, factor: float
+    em: _Emitter,
+    g_hat: gs.Tensor,
+    g_major: gs.Tensor | None,
+    w: gs.Tensor,
+    layer: ConvLayer,
+    geom: FilterGeometry,
+    factor: float,
 ) -> gs.Tensor:
     """W~^T g^ per patch (block-diagonal for groups); N x C_in x p_h x p_w."""
     n, c_in, _, _ = layer.x_shape
@@ -569,14 +653,20 @@ def _mixed_input_grad(
         w_sum = em.scale("w_sum_scaled", w_sum, factor, (c_out,))
         w_col = em.reshape("w_sum_col", w_sum, (c_out, 1, 1))
         return em.op("Mul", "gx_mix", [g_hat, w_col], out4)
-    # Transpose and scale the weight before summing its taps: a Transpose or scalar Mul
-    # right before the MatMul gets fused by ORT into FusedMatMul(transA), measured 25%
-    # slower than this plain batched MatMul.
+    # Sum the taps before transposing: a transpose that moves 9-float runs of the full
+    # kernel cost as much as the GEMM at C=512. The scale rides on the tap-sum GEMV.
     taps = layer.kernel[0] * layer.kernel[1]
-    w_taps = em.reshape("w_taps", w, (group, cout_g, cin_g, taps))
-    w_t = em.op("Transpose", "w_taps_t", [w_taps], (group, cin_g, cout_g, taps), {"perm": [0, 2, 1, 3]})
-    w_t = em.scale("w_taps_scaled", w_t, factor, (group, cin_g, cout_g, taps))
-    w_sum_t = em.reduce_sum("w_sum_t", w_t, (3,), (group, cin_g, cout_g))
+    w_taps = em.reshape("w_taps", w, (group * cout_g * cin_g, taps))
+    tap_sum = em.const("w_tap_sum", np.full((taps, 1), factor, dtype=np.float32))
+    w_sum = em.op("MatMul", "w_sum", [w_taps, tap_sum], (group * cout_g * cin_g, 1))
+    w_sum = em.reshape("w_sum_3d", w_sum, (group, cout_g, cin_g))
+    w_sum_t = em.op("Transpose", "w_sum_t", [w_sum], (group, cin_g, cout_g), {"perm": [0, 2, 1]})
+    if g_major is not None:
+        # One GEMM over all samples and patches, then back to N x C_in at patch resolution.
+        mixed = em.op("MatMul", "gx_mix", [w_sum_t, g_major], (group, cin_g, n * patches))
+        mixed = em.reshape("gx_mix_4d", mixed, (group, cin_g, n, patches))
+        mixed = em.op("Transpose", "gx_mix_t", [mixed], (n, group, cin_g, patches), {"perm": [2, 0, 1, 3]})
+        return em.reshape("gx_hat", mixed, out4)
     flat = em.reshape("gx_g", g_hat, (n, group, cout_g, patches))
     mixed = em.op("MatMul", "gx_mix", [w_sum_t, flat], (n, group, cin_g, patches))
     return em.reshape("gx_hat", mixed, out4)

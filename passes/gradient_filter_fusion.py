@@ -14,12 +14,12 @@ the mean is exactly s * a[j] and the sum r_A^2 * s * a[j] (aligned windows are a
 A is then fed from `a` at patch resolution and the full-resolution g_y_A, its pool and,
 where nothing else reads it, B's upsample are never computed.
 
-Other readers of the full-resolution gradients keep the upsample alive. Two of them are
-rewritten at patch resolution because they are exact there: a ReduceSum over both
-spatial axes (ORT's dbeta of the BN shift: sum_pixels g == sum_blocks count_j * value_j)
-and A's own bias gradient when A's windows are not aligned (gradient_filter then sums
-g_y_A itself). dgamma (sum g * x^) multiplies by a full-resolution activation and is left
-alone, so with a trainable BN the upsample stays for it.
+Other readers of the full-resolution gradients keep the upsample alive. One of them is
+rewritten at patch resolution because it is exact there: a ReduceSum over both spatial
+axes (ORT's dbeta of the BN shift: sum_pixels g == sum_blocks count_j * value_j). A's
+own bias gradient already reads g^_A (gradient_filter weights it by the window counts).
+dgamma (sum g * x^) multiplies by a full-resolution activation and is left alone, so
+with a trainable BN the upsample stays for it.
 
 The pass relies on `gradient_filter`'s naming: `{conv}/gf/g_pool` is g^ and the nodes
 named `{conv}/gf/up` and `{conv}/gf/up_*` are the upsample chain.
@@ -74,7 +74,7 @@ class Fusion:
     @property
     def pooled_holds_sums(self) -> bool:
         # gradient_filter block-SUMS aligned windows (the 1/r^2 is folded downstream) and
-        # AveragePools (exact means) the others.
+        # takes exact in-image MEANS of the others.
         return self.lower_geometry.g_aligned
 
 
@@ -110,8 +110,7 @@ def find_fusions(graph: gs.Graph, plan: Plan) -> list[Fusion]:
         if geometries is None:
             _LOG.debug("gradient filter fusion: %s -> %s do not line up", upper, lower)
             continue
-        producer_is_mean = bool(pooled.inputs) and pooled.inputs[0].op == "AveragePool"
-        if producer_is_mean == geometries[0].g_aligned:
+        if pooled.shape is not None and tuple(pooled.shape) != geometries[0].g_pooled_shape:
             # Not the pool gradient_filter builds for this geometry; do not guess what it holds.
             _LOG.warning("gradient filter fusion: unexpected pool for %s; left alone", lower)
             continue
@@ -315,15 +314,6 @@ def _fuse(graph: gs.Graph, fusion: Fusion) -> None:
         for node in list(tensor.outputs):
             if node.op == "ReduceSum" and node.inputs[0] is tensor and _reduces_spatial(node):
                 node.inputs[0] = patch.value(k, "count")
-    bias_flat = next((n for n in fusion.g_y.outputs if n.name == f"{fusion.lower}/gf/bias_flat"), None)
-    if bias_flat is not None:
-        # gradient_filter sums g_y_A itself for a non-aligned A: Reshape (N, C, H*W) -> ReduceSum(2).
-        n, c, p_h, p_w = patch.shape
-        shape = gs.Constant(f"{patch.prefix}/bias_flat_shape", np.array([n, c, p_h * p_w], dtype=np.int64))
-        weighted = patch.value(last, "count")
-        bias_flat.inputs.clear()  # graphsurgeon's synchronized lists take no slice assignment
-        bias_flat.inputs.extend([weighted, shape])
-        bias_flat.outputs[0].shape = [n, c, p_h * p_w]
 
 
 def _reduces_spatial(node: gs.Node) -> bool:

@@ -102,7 +102,7 @@ def _signature(model: onnx.ModelProto) -> list[tuple]:
 
 
 # 64x64: the last maps are 2x2, r=2 windows are whole (block-sum pool, aligned).
-# 96x96: 3x3 maps, the windows hang over the border (AveragePool of in-image elements).
+# 96x96: 3x3 maps, the windows hang over the border (means of the in-image elements).
 @pytest.mark.parametrize("size", [64, 96])
 @pytest.mark.parametrize("bn_mode", ["eval", "frozen"])
 def test_mobilenet_pair_is_fused_exactly(tmp_path: Path, bn_mode: str, size: int) -> None:
@@ -205,10 +205,11 @@ def test_unaligned_pair_with_biases(tmp_path: Path, bn_mode: str) -> None:
     counts = gradient_filter_fusion._block_counts(fusion.upper_geometry)
     np.testing.assert_array_equal(counts, np.outer([3, 4, 3], [3, 4, 3]))
 
-    # A's bias gradient summed the full-resolution g_y_A; now it sums count-weighted patches.
-    bias_flat = f"{lower.node}/gf/bias_flat"
+    # A's bias gradient reads g^_A (count-weighted), which the fusion now writes from B's patches.
     reads = {n.name: n.input[0] for n in compiled.fused.graph.node}
-    assert reads[bias_flat].startswith(f"{lower.node}/gf/fuse/")
+    writers = {out: n.name for n in compiled.fused.graph.node for out in n.output}
+    assert reads[f"{lower.node}/gf/bias_flat"] == f"{lower.node}/gf/g_pool"
+    assert writers[f"{lower.node}/gf/g_pool"].startswith(f"{lower.node}/gf/fuse/")
     assert not _pool_nodes(compiled.fused, lower.node)
     assert f"{lower.output}_grad" not in _full_resolution_outputs(compiled.fused, lower.y_shape)
     assert bool(_upsample_nodes(compiled.fused, upper.node)) == (bn_mode == "eval")

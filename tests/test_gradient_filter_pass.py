@@ -99,7 +99,13 @@ def value(name: str, shape) -> onnx.ValueInfoProto:
 
 
 def run_conv_grad_graph(
-    layer: ConvLayer, r: int, *, need_dx: bool = True, paper: bool = False, seed: int = 0
+    layer: ConvLayer,
+    r: int,
+    *,
+    need_dx: bool = True,
+    paper: bool = False,
+    seed: int = 0,
+    node_names: list[str] | None = None,
 ) -> tuple[dict[str, np.ndarray], tuple[np.ndarray, ...]]:
     rng = np.random.default_rng(seed)
     c_out = layer.y_shape[1]
@@ -127,6 +133,8 @@ def run_conv_grad_graph(
     model.ir_version = 9
     graph = gf.run(gs.import_onnx(model), Plan(convs=[layer], filtered={layer.node: r}, paper_stride_scaling=paper))
     assert not [n for n in graph.nodes if n.op == "ConvGrad"]
+    if node_names is not None:
+        node_names.extend(n.name for n in graph.nodes)
     rewritten = gs.export_onnx(graph)
     onnx.checker.check_model(rewritten, full_check=True)
     session = ort.InferenceSession(rewritten.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -155,9 +163,20 @@ def _sweep_cases() -> list[tuple]:
 SWEEP = _sweep_cases()
 
 
-def test_conv_forms_match_reference() -> None:
+# The pass picks its op forms by size (one-pass MatMul pooling of g_y, one GEMM over
+# batch x patches); the sweep's small maps would take only the small-size forms, so every
+# form is forced once: (max outputs per g_y element for one-pass pooling, max patches for one GEMM).
+PATHS = {"by-size": None, "staged": (0, 0), "one-pass": (10**9, 10**9)}
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_conv_forms_match_reference(monkeypatch: pytest.MonkeyPatch, path: str) -> None:
     # One test over all SWEEP cases (about 1 s): a failure lists every failing form at once.
+    if PATHS[path] is not None:
+        monkeypatch.setattr(gf, "_ONE_PASS_MAX_OUTPUTS", PATHS[path][0])
+        monkeypatch.setattr(gf, "_ONE_GEMM_MAX_PATCHES", PATHS[path][1])
     failures = []
+    forms: set[str] = set()
     for i, (k, s, same, d, kind, r, h) in enumerate(SWEEP):
         c_in, c_out, group = {"g1": (3, 5, 1), "dw": (4, 4, 4), "g2": (4, 6, 2)}[kind]
         pad = d * (k - 1) // 2 if same else 0
@@ -165,11 +184,20 @@ def test_conv_forms_match_reference() -> None:
             continue
         attrs = {"strides": (s, s), "pads": (pad,) * 4, "dilations": (d, d), "group": group}
         layer = make_layer("conv", "x", "y", "w", "b", (2, c_in, h, h + 2), (c_out, c_in // group, k, k), attrs)
-        got, (gx, gw, gb) = run_conv_grad_graph(layer, r, seed=i)
+        names: list[str] = []
+        got, (gx, gw, gb) = run_conv_grad_graph(layer, r, seed=i, node_names=names)
+        forms |= {name.removeprefix("conv/gf/") for name in names}
         errs = {"dx": rel_err(got["dx"], gx), "dw": rel_err(got["dw"], gw), "db": rel_err(got["db"], gb)}
         if max(errs.values()) > TOL:
             failures.append(((k, s, same, d, kind, r, h), errs))
     assert not failures, failures
+    # The forced paths really ran: MatMul pooling and channel-major GEMMs, or neither.
+    one_pass = {"g_pool_mm", "g_major", "x_major"}
+    if path == "staged":
+        assert not one_pass & forms and {"g_pool_wsum", "g_pool_hsum", "gw_sum"} <= forms
+    if path == "one-pass":
+        assert one_pass <= forms and "gw_sum" in forms  # gw_sum: depthwise Mul+ReduceSum
+        assert "g_pool_hsum" not in forms
 
 
 # id: (x_shape, w_shape, conv attrs, r, need grad_x, paper_stride_scaling)
