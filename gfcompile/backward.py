@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,13 +73,23 @@ def resolve_loss(model: onnx.ModelProto, config: CompileConfig) -> str:
 
 
 def check_trainable_ops(model: onnx.ModelProto, plan: Plan) -> None:
-    names = [node.name for node in model.graph.node]
-    first = names.index(plan.trainable_convs[0]) if plan.trainable_convs[0] in names else 0
-    for node in model.graph.node[first:]:
+    """Refuse ops in the trainable part (from the first trainable conv on) that have no gradient here."""
+    nodes = list(model.graph.node)
+    position = {node.name: index for index, node in enumerate(nodes)}
+    first = position.get(plan.trainable_convs[0], 0)
+    for index in range(first, len(nodes)):
+        node = nodes[index]
         if node.op_type in UNTRAINABLE_OPS or node.domain not in ("", "ai.onnx"):
+            # The convs after this node could still train without differentiating it.
+            after = sum(1 for layer in plan.convs if position.get(layer.node, -1) > index)
+            hint = (
+                f"train only the {after} conv layer(s) after it: --train-layers {after} (and --filter-layers <= {after})"
+                if after
+                else "it comes after the last conv layer, so no conv can train through it"
+            )
             raise GfError(
                 f"node {node.name!r} ({node.domain + '::' if node.domain else ''}{node.op_type}) is in the "
-                "trainable part and has no gradient here; train fewer layers (--train-layers)"
+                f"trainable part and has no gradient here; {hint}"
             )
 
 
@@ -101,21 +113,23 @@ def build_backward(model: onnx.ModelProto, plan: Plan, config: CompileConfig, di
         raise GfError(f"unknown optimizer {config.optimizer!r}; choose adamw or sgd")
 
     directory.mkdir(parents=True, exist_ok=True)
+
+    def generate() -> None:
+        artifacts.generate_artifacts(
+            model,
+            requires_grad=plan.trainable_params,
+            frozen_params=plan.frozen_params,
+            loss=loss_block,
+            optimizer=optimizer,
+            artifact_directory=str(directory),
+            # The runtime reports accuracy, so the training and eval models also return the logits.
+            additional_output_names=[output.name for output in model.graph.output],
+        )
+
     with _native_output_captured() as captured:
-        try:
-            artifacts.generate_artifacts(
-                model,
-                requires_grad=plan.trainable_params,
-                frozen_params=plan.frozen_params,
-                loss=loss_block,
-                optimizer=optimizer,
-                artifact_directory=str(directory),
-                # The runtime reports accuracy, so the training and eval models also return the logits.
-                additional_output_names=[output.name for output in model.graph.output],
-            )
-        except Exception as exc:
-            failure = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-            raise GfError(f"ORT's gradient builder failed: {failure}") from None
+        failure = _run_isolated(generate)
+    if failure is not None:
+        raise GfError(f"ORT's gradient builder failed: {failure}{_control_flow_hint(model, failure)}")
     if captured.get("text") and "error" in captured["text"].lower():
         logging.getLogger(__name__).debug(captured["text"])
     optimizer_model = onnx.load(str(directory / "optimizer_model.onnx"))
@@ -132,6 +146,75 @@ def build_backward(model: onnx.ModelProto, plan: Plan, config: CompileConfig, di
         model_inputs=[v for v in model.graph.input if v.name not in {i.name for i in model.graph.initializer}],
         model_outputs=list(model.graph.output),
     )
+
+
+def _run_isolated(work: Callable[[], None]) -> str | None:
+    """Run `work` in a forked child; returns None on success, else a one-line failure.
+
+    ORT's C++ gradient builder aborts the whole process (failed assertions) on some graphs, e.g. an If
+    whose condition is computed, even in the frozen part; in a child that becomes a clear error. Where
+    fork does not exist (Windows) the work runs in this process and such a graph still aborts it.
+    """
+    if not hasattr(os, "fork") or not hasattr(signal, "pthread_sigmask"):
+        try:
+            work()
+        except Exception as exc:
+            return _last_line(exc)
+        return None
+    read_end, write_end = os.pipe()
+    # SIGINT stays blocked across fork: a Ctrl-C landing mid-fork would otherwise be handled in the
+    # child's copy of the interpreter and lost in the parent. Blocking also runs any handler already due.
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        pid = os.fork()
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        raise
+    if pid == 0:  # the child: report through the pipe and leave without running any parent cleanup
+        code = 0
+        try:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)  # the parent handles Ctrl-C and kills the child
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+            os.close(read_end)
+            work()
+        except BaseException as exc:
+            code = 1
+            with contextlib.suppress(BaseException):
+                os.write(write_end, _last_line(exc).encode(errors="replace")[:2000])
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    try:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # a Ctrl-C that arrived meanwhile raises here
+        with os.fdopen(read_end, "rb") as pipe:
+            message = pipe.read().decode(errors="replace")
+        _, status = os.waitpid(pid, 0)
+    except BaseException:  # Ctrl-C: stop the child too, so no process keeps writing into the staging dir
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        raise
+    if os.WIFSIGNALED(status):
+        return f"it crashed with signal {signal.Signals(os.WTERMSIG(status)).name}"
+    if os.WEXITSTATUS(status) != 0:
+        return message or f"it exited with status {os.WEXITSTATUS(status)}"
+    return None
+
+
+def _control_flow_hint(model: onnx.ModelProto, failure: str) -> str:
+    control = [node for node in model.graph.node if node.op_type in UNTRAINABLE_OPS]
+    if not control or "crashed" not in failure:
+        return ""
+    node = control[0]
+    return (
+        f" (the model has {node.op_type} node {node.name!r}; onnxruntime-training 1.19 cannot build a training "
+        "graph around it, even in the frozen part: export the model without it, e.g. with a constant condition)"
+    )
+
+
+def _last_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[-1] if text else type(exc).__name__
 
 
 def _use_torch_adamw_semantics(optimizer_model: onnx.ModelProto) -> None:

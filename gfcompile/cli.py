@@ -1,9 +1,10 @@
-"""The `gfcompile` command: compile (the default), train, eval, diff, inspect and bundle."""
+"""The `gfcompile` command: compile (the default), train, eval, diff, inspect, bundle and federate."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from runtime.errors import RunError
 from .config import DEFAULT_TRAIN_LAYERS, CompileConfig
 from .errors import GfError
 
-SUBCOMMANDS = ("compile", "train", "eval", "diff", "inspect", "bundle")
+SUBCOMMANDS = ("compile", "train", "eval", "diff", "inspect", "bundle", "federate")
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -27,11 +28,18 @@ def compile_parser() -> argparse.ArgumentParser:
         prog="gfcompile",
         description="Compile an ONNX CNN into onnxruntime-training artifacts for on-device fine-tuning.",
         epilog="Other commands: gfcompile train ARTIFACTS --data D.npz, gfcompile eval ARTIFACTS --data D.npz, "
-        "gfcompile diff A B, gfcompile inspect ARTIFACTS_OR_MODEL, gfcompile bundle ARTIFACTS -o BUNDLE",
+        "gfcompile diff A B, gfcompile inspect ARTIFACTS_OR_MODEL, gfcompile bundle ARTIFACTS -o BUNDLE, "
+        "gfcompile federate ARTIFACTS --train-data D.npz --test-data T.npz",
     )
     parser.add_argument("model", type=Path, help="the .onnx model to compile")
     parser.add_argument("-o", "--output", type=Path, default=Path("artifacts"), help="artifacts folder to write")
     parser.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+    parser.add_argument(
+        "--downconvert",
+        action="store_true",
+        help="accept an IR version > 10 or opset 22 (newer than onnxruntime-training 1.19 takes) by lowering it; "
+        "the full ONNX checker then verifies the lowered model",
+    )
     layers = parser.add_argument_group("which layers train")
     layers.add_argument("--filter-layers", type=int, default=0, help="gradient-filter the last N conv layers")
     layers.add_argument(
@@ -108,6 +116,12 @@ def run_parser(command: str) -> argparse.ArgumentParser:
         parser.add_argument("--save", type=Path, default=None, help="where to write the trained checkpoint")
         parser.add_argument("--export", type=Path, default=None, help="write an inference .onnx after training")
         parser.add_argument("--log-every", type=int, default=10)
+        parser.add_argument(
+            "--skip-nonfinite",
+            action="store_true",
+            help="accept samples with NaN/Inf inputs (refused by default) and skip any batch whose loss or "
+            "gradient is not finite instead of stopping; the weights and checkpoint never take NaN values either way",
+        )
     return parser
 
 
@@ -167,19 +181,40 @@ def bundle_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def federate_parser() -> argparse.ArgumentParser:
+    from . import federate_cli
+
+    parser = argparse.ArgumentParser(
+        prog="gfcompile federate",
+        description="Federated fine-tuning with Flower: FedAvg/FedProx over the trainable parameters only, "
+        "simulated clients with Dirichlet non-IID partitions of the training set.",
+    )
+    federate_cli.add_arguments(parser)
+    return parser
+
+
+def _federate(args: argparse.Namespace) -> int:
+    from . import federate_cli
+
+    return federate_cli.run(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # Subcommand -> (parser, handler); a model path is the default `compile` command.
+    commands = {
+        "train": (lambda: run_parser("train"), lambda args: _run("train", args)),
+        "eval": (lambda: run_parser("eval"), lambda args: _run("eval", args)),
+        "diff": (diff_parser, _diff),
+        "inspect": (inspect_parser, _inspect),
+        "bundle": (bundle_parser, _bundle),
+        "compile": (compile_parser, _compile),
+        "federate": (federate_parser, _federate),
+    }
     try:
-        if argv and argv[0] in ("train", "eval"):
-            return _run(argv[0], run_parser(argv[0]).parse_args(argv[1:]))
-        if argv and argv[0] == "diff":
-            return _diff(diff_parser().parse_args(argv[1:]))
-        if argv and argv[0] == "inspect":
-            return _inspect(inspect_parser().parse_args(argv[1:]))
-        if argv and argv[0] == "bundle":
-            return _bundle(bundle_parser().parse_args(argv[1:]))
-        if argv and argv[0] == "compile":
-            argv = argv[1:]
+        if argv and argv[0] in commands:
+            make_parser, handler = commands[argv[0]]
+            return handler(make_parser().parse_args(argv[1:]))
         return _compile(compile_parser().parse_args(argv))
     except (GfError, RunError) as exc:
         print(f"gfcompile: error: {exc}", file=sys.stderr)
@@ -226,7 +261,9 @@ def _compile(args: argparse.Namespace) -> int:
         row_tile_trainable=args.row_tile_trainable,
         output_dir=args.output,
         force=args.force,
+        downconvert=args.downconvert,
     )
+    config.check()
     report = (lambda message: None) if args.quiet else (lambda message: print(message, file=sys.stderr))
     compile_model(args.model, config, report=report)
     return 0
@@ -294,22 +331,31 @@ def _run(command: str, args: argparse.Namespace) -> int:
     from runtime.data import load_data
     from runtime.trainer import Trainer
 
-    trainer = Trainer(args.artifacts, checkpoint=args.checkpoint, lr=getattr(args, "lr", None))
-    data = load_data(args.data, trainer.manifest)
+    lr = getattr(args, "lr", None)
+    if lr is not None and not (math.isfinite(lr) and lr > 0):
+        raise RunError(f"--lr must be a positive number, got {lr}")
+    if command == "train" and args.steps < 1:
+        raise RunError(f"--steps must be >= 1, got {args.steps}")
+    trainer = Trainer(args.artifacts, checkpoint=args.checkpoint, lr=lr)
+    skip = getattr(args, "skip_nonfinite", False)
+    data = load_data(args.data, trainer.manifest, allow_nonfinite=skip)
     if command == "eval":
         print(_describe(trainer.evaluate(data), args.data))
         return 0
     eval_data = load_data(args.eval_data, trainer.manifest) if args.eval_data else None
     if eval_data is not None:
         print("before:", _describe(trainer.evaluate(eval_data), args.eval_data), file=sys.stderr)
-    if args.steps < 1:
-        raise RunError(f"--steps must be >= 1, got {args.steps}")
-    losses = trainer.fit(data, steps=args.steps, seed=args.seed, log_every=args.log_every)
-    window = max(1, min(10, len(losses) // 2))
-    print(
-        f"trained {len(losses)} steps: loss {sum(losses[:window]) / window:.4f} (first {window}) -> "
-        f"{sum(losses[-window:]) / window:.4f} (last {window})"
-    )
+    losses = trainer.fit(data, steps=args.steps, seed=args.seed, log_every=args.log_every, skip_nonfinite=skip)
+    finite = [loss for loss in losses if math.isfinite(loss)]
+    window = max(1, min(10, len(finite) // 2))
+    skipped = f"; skipped {len(losses) - len(finite)} non-finite batches" if len(finite) < len(losses) else ""
+    if finite:
+        print(
+            f"trained {len(losses)} steps: loss {sum(finite[:window]) / window:.4f} (first {window}) -> "
+            f"{sum(finite[-window:]) / window:.4f} (last {window}){skipped}"
+        )
+    else:
+        print(f"trained {len(losses)} steps{skipped}")
     if eval_data is not None:
         print("after:", _describe(trainer.evaluate(eval_data), args.eval_data))
     save = args.save or args.artifacts / "trained_checkpoint"

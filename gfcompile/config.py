@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -32,6 +33,7 @@ class CompileConfig:
     row_tile_trainable: bool = False
     output_dir: Path = Path("artifacts")
     force: bool = False
+    downconvert: bool = False  # lower an IR version / opset newer than ORT 1.19 takes, where that is exact
 
     def resolved_train_layers(self) -> int:
         if self.train_layers is not None:
@@ -42,7 +44,26 @@ class CompileConfig:
         data = asdict(self)
         data["output_dir"] = str(self.output_dir)
         data["train_layers"] = self.resolved_train_layers()
+        if not self.downconvert:
+            del data["downconvert"]  # recorded only when used, so ordinary manifests stay as they were
         return data
+
+    def check(self) -> None:
+        """Refuse option values that no model can make sense of, before any work is done."""
+        from .errors import GfError
+
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise GfError(f"--lr must be a positive number, got {self.lr}")
+        if not (math.isfinite(self.momentum) and 0 <= self.momentum < 1):
+            raise GfError(f"--momentum must be in [0, 1), got {self.momentum}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise GfError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        if self.memory_budget_mb is not None and not (
+            math.isfinite(self.memory_budget_mb) and self.memory_budget_mb > 0
+        ):
+            raise GfError(f"--memory-budget must be a positive number of MiB, got {self.memory_budget_mb}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise GfError(f"--batch-size must be >= 1, got {self.batch_size}")
 
 
 DEFAULT_TRAIN_LAYERS = 4

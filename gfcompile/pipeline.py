@@ -46,7 +46,7 @@ Reporter = Callable[[str], None]
 def compile_model(model_path: Path, config: CompileConfig, report: Reporter = print) -> Path:
     """Compile `model_path` into a training artifacts folder at `config.output_dir`."""
     check_output_dir(config.output_dir, config.force)
-    model = load_and_validate(model_path)
+    model = load_and_validate(model_path, downconvert=config.downconvert)
     report_batch_default(model, config, report)
     model = pin_shapes(model, config)
     plan = select_layers(model, config)

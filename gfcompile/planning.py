@@ -115,7 +115,11 @@ def select_layers(model: onnx.ModelProto, config: CompileConfig) -> Plan:
     if n_filter < 0 or n_filter > count:
         raise GfError(f"--filter-layers {n_filter} is out of range: the model has {count} conv layers")
     if n_train < 1 or n_train > count:
-        raise GfError(f"--train-layers {n_train} is out of range: the model has {count} conv layers (1..{count})")
+        default = "" if config.train_layers is not None else " (the default)"
+        raise GfError(
+            f"--train-layers {n_train}{default} is out of range: the model has {count} conv layers; "
+            f"give --train-layers 1..{count}"
+        )
     if config.row_tiles == 1 or config.row_tiles < 0:
         raise GfError(f"--row-tiles must be 0 (off) or >= 2, got {config.row_tiles}")
     if config.row_tiles and config.memory_budget_mb is not None:

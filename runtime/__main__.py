@@ -30,12 +30,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--export", type=Path, default=None, help="write an inference .onnx model after training")
+    parser.add_argument(
+        "--skip-nonfinite",
+        action="store_true",
+        help="accept samples with NaN/Inf inputs (refused by default) and skip any batch whose loss or gradient "
+        "is not finite instead of stopping; the weights and checkpoints never take NaN values either way",
+    )
     args = parser.parse_args(argv)
     try:
         return _train(args)
     except RunError as exc:
         print(f"gftrain: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(
+            "gftrain: interrupted; the last saved checkpoint is kept (run the same command to resume)", file=sys.stderr
+        )
+        return 130
 
 
 def _train(args) -> int:
@@ -48,7 +59,7 @@ def _train(args) -> int:
         raise RunError("--steps and --checkpoint-every must be >= 0")
     checkpoint = args.checkpoint or args.artifacts / "trained_checkpoint"
     trainer = open_trainer(args.artifacts, checkpoint=checkpoint if checkpoint.exists() else None)
-    data = load_data(args.data, trainer.manifest)
+    data = load_data(args.data, trainer.manifest, allow_nonfinite=args.skip_nonfinite)
     if trainer.step:
         print(f"resuming from {checkpoint} at step {trainer.step}", file=sys.stderr)
     remaining = max(0, args.steps - trainer.step)
@@ -59,17 +70,22 @@ def _train(args) -> int:
         log_every=args.log_every,
         checkpoint=checkpoint,
         checkpoint_every=args.checkpoint_every,
+        skip_nonfinite=args.skip_nonfinite,
     )
     trainer.save(checkpoint)
-    print(f"step {trainer.step}; checkpoint {checkpoint}")
+    skipped = f"; skipped {len(trainer.skipped_steps)} non-finite batches" if trainer.skipped_steps else ""
+    print(f"step {trainer.step}; checkpoint {checkpoint}{skipped}")
     if args.export is not None:
         # Written beside the target and renamed, so a crash never leaves half a model under that name.
         args.export.parent.mkdir(parents=True, exist_ok=True)
         temporary = args.export.with_name(args.export.name + ".tmp.onnx")
-        trainer.export_inference(temporary)
-        x, y, _ = next(eval_batches(data, trainer.batch_size))
-        worst = check_inference_model(temporary, trainer, x, y)
-        os.replace(temporary, args.export)
+        try:
+            trainer.export_inference(temporary)
+            x, y, _ = next(eval_batches(data, trainer.batch_size))
+            worst = check_inference_model(temporary, trainer, x, y)
+            os.replace(temporary, args.export)
+        finally:
+            temporary.unlink(missing_ok=True)
         print(f"inference model {args.export} (matches the trained eval model, max |diff| {worst:.2g})")
     return 0
 

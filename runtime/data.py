@@ -44,32 +44,48 @@ def preprocess(x: np.ndarray, spec: dict | None) -> np.ndarray:
     return x.astype(np.float32, copy=False)
 
 
-def load_data(path: Path, manifest: dict) -> Dataset:
-    """An .npz file (arrays x and y) or a folder of images with one subfolder per class."""
+def load_data(path: Path, manifest: dict, allow_nonfinite: bool = False) -> Dataset:
+    """An .npz file (arrays x and y) or a folder of images with one subfolder per class.
+
+    Samples with NaN or Inf inputs are refused unless `allow_nonfinite` (training with
+    skip_nonfinite then drops the batches they spoil).
+    """
     path = Path(path)
     if path.is_dir():
         from .images import load_image_folder  # Pillow only when images are used
 
         x, y, _ = load_image_folder(path, manifest)
-        return validate(preprocess(x, manifest.get("preprocess")), y, manifest, str(path))
-    return load_npz(path, manifest)
+        return validate(preprocess(x, manifest.get("preprocess")), y, manifest, str(path), allow_nonfinite)
+    return load_npz(path, manifest, allow_nonfinite)
 
 
-def load_npz(path: Path, manifest: dict) -> Dataset:
+def load_npz(path: Path, manifest: dict, allow_nonfinite: bool = False) -> Dataset:
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise RunError(f"{path}: no such data file")
+    if not path.is_file():
+        raise RunError(f"{path}: not a file; expected an .npz file or a folder of class subfolders")
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            if "x" not in archive or "y" not in archive:
-                raise RunError(f"{path}: expected arrays 'x' and 'y', found {sorted(archive.files)}")
-            x_raw, y = archive["x"], archive["y"]
-    except (OSError, ValueError) as exc:
-        raise RunError(f"{path}: not a readable .npz file ({exc})") from None
-    return validate(preprocess(x_raw, manifest.get("preprocess")), y, manifest, str(path))
+        with open(path, "rb") as handle:
+            loaded = np.load(handle, allow_pickle=False)
+            if not isinstance(loaded, np.lib.npyio.NpzFile):
+                raise RunError(f"{path}: a single .npy array; expected an .npz file with arrays 'x' and 'y'")
+            with loaded as archive:
+                if "x" not in archive.files or "y" not in archive.files:
+                    raise RunError(f"{path}: expected arrays 'x' and 'y', found {sorted(archive.files)}")
+                x_raw, y = archive["x"], archive["y"]
+    except RunError:
+        raise
+    except Exception as exc:  # zipfile, zlib, and numpy's format checks raise unrelated types for bad bytes
+        raise RunError(f"{path}: not a readable .npz file ({type(exc).__name__}: {exc})") from None
+    return validate(preprocess(x_raw, manifest.get("preprocess")), y, manifest, str(path), allow_nonfinite)
 
 
-def validate(x: np.ndarray, y: np.ndarray, manifest: dict, source: str) -> Dataset:
+def validate(x: np.ndarray, y: np.ndarray, manifest: dict, source: str, allow_nonfinite: bool = False) -> Dataset:
+    if x.ndim == 0 or y.ndim == 0:
+        raise RunError(
+            f"{source}: x and y must be arrays with one entry per sample, got shapes {x.shape} and {y.shape}"
+        )
     if len(x) == 0:
         raise RunError(f"{source}: the dataset is empty")
     if len(x) != len(y):
@@ -77,8 +93,13 @@ def validate(x: np.ndarray, y: np.ndarray, manifest: dict, source: str) -> Datas
     expected = list(manifest["inputs"][0]["shape"][1:])
     if list(x.shape[1:]) != expected:
         raise RunError(f"{source}: inputs have shape {list(x.shape[1:])} per sample, the model expects {expected}")
-    if not np.all(np.isfinite(x)):
-        raise RunError(f"{source}: inputs contain NaN or Inf")
+    finite = np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+    if not allow_nonfinite and not finite.all():
+        bad = np.flatnonzero(~finite)
+        raise RunError(
+            f"{source}: {len(bad)} of {len(x)} samples have NaN or Inf inputs (first: sample {bad[0]}); "
+            "clean the data, or train with --skip-nonfinite to skip the batches they spoil"
+        )
     if manifest["loss"] in ("cross_entropy", "pixel_cross_entropy"):
         if not np.issubdtype(y.dtype, np.integer):
             raise RunError(f"{source}: class labels must be integers, got dtype {y.dtype}")
@@ -91,7 +112,11 @@ def validate(x: np.ndarray, y: np.ndarray, manifest: dict, source: str) -> Datas
             bad = y[~valid][0]
             raise RunError(f"{source}: label {bad} is out of range for {classes} classes")
     else:
+        if not (np.issubdtype(y.dtype, np.floating) or np.issubdtype(y.dtype, np.integer)):
+            raise RunError(f"{source}: regression targets must be numbers, got dtype {y.dtype}")
         y = y.astype(np.float32)
+        if not allow_nonfinite and not np.isfinite(y).all():
+            raise RunError(f"{source}: targets contain NaN or Inf; clean the data, or train with --skip-nonfinite")
     expected_label = list(manifest["labels"][0]["shape"][1:]) if manifest.get("labels") else None
     if expected_label is not None and list(y.shape[1:]) != expected_label:
         raise RunError(f"{source}: labels have shape {list(y.shape[1:])} per sample, expected {expected_label}")

@@ -18,6 +18,13 @@ from .ort_training import training_api
 
 MANIFEST = "manifest.json"
 SUPPORTED_FORMAT = 1
+INITIAL_CHECKPOINT = "checkpoint"
+# Checkpoint properties the runtime writes: which artifacts the weights belong to, and in what format.
+ARTIFACTS_PROPERTY = "gfcompile_artifacts"
+CHECKPOINT_FORMAT_PROPERTY = "gfcompile_checkpoint_format"
+CHECKPOINT_FORMAT = 1
+# With skip_nonfinite, this many non-finite steps in a row means the run has diverged, not a bad sample.
+MAX_CONSECUTIVE_SKIPS = 10
 DEFAULT_MODELS = {
     "training": "training_model.onnx",
     "eval": "eval_model.onnx",
@@ -46,15 +53,22 @@ def load_manifest(artifacts: Path, verify: bool = True) -> dict:
         raise RunError(f"{artifacts}: no {MANIFEST}; is this a gfcompile artifacts folder?")
     try:
         manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise RunError(f"{path}: corrupted manifest ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise RunError(f"{path}: corrupted manifest (not a JSON object)")
     if manifest.get("format_version") != SUPPORTED_FORMAT:
-        raise RunError(f"{path}: manifest format {manifest.get('format_version')} is not {SUPPORTED_FORMAT}")
+        raise RunError(
+            f"{path}: manifest format {manifest.get('format_version')!r} is not {SUPPORTED_FORMAT}; "
+            "recompile with this gfcompile version"
+        )
+    missing = [key for key in ("files", "plan", "inputs", "outputs", "optimizer", "loss") if key not in manifest]
+    if missing:
+        raise RunError(f"{path}: corrupted manifest (no {', '.join(missing)})")
     if verify:
-        for name, expected in manifest.get("files", {}).items():
+        # The compiled checkpoint is verified too: training always writes to another file (see Trainer.save).
+        for name, expected in manifest["files"].items():
             file = artifacts / name
-            if name == "checkpoint":
-                continue  # the checkpoint changes as training runs; it is checked on load by ORT
             if not file.is_file():
                 raise RunError(f"{artifacts}: {name} is missing")
             if sha256_file(file) != expected:
@@ -87,6 +101,15 @@ def session_options(manifest: dict):
     return options
 
 
+def artifacts_identity(manifest: dict) -> str:
+    """What a checkpoint must have been trained from: the source model, the plan and the I/O signature.
+
+    Independent of the model file format, so an .onnx-trained checkpoint also resumes in an ORT-format bundle.
+    """
+    keys = [manifest.get(key) for key in ("source", "plan", "inputs", "outputs", "labels")]
+    return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()
+
+
 @dataclass
 class EvalResult:
     loss: float
@@ -105,10 +128,14 @@ class Trainer:
         checkpoint = Path(checkpoint) if checkpoint is not None else self.artifacts / "checkpoint"
         if not checkpoint.exists():
             raise RunError(f"{checkpoint}: no such checkpoint")
+        if not checkpoint.is_file():
+            raise RunError(f"{checkpoint}: not a checkpoint file")
         try:
             self.state = api.CheckpointState.load_checkpoint(str(checkpoint))
         except Exception as exc:
-            raise RunError(f"{checkpoint}: cannot load checkpoint ({exc})") from None
+            raise RunError(f"{checkpoint}: cannot load checkpoint ({_last_line(exc)})") from None
+        self.identity = artifacts_identity(self.manifest)
+        self._check_checkpoint(checkpoint)
         files = model_files(self.manifest)
         try:
             self.module = api.Module(
@@ -136,18 +163,55 @@ class Trainer:
             self.optimizer = api.Optimizer(str(self.artifacts / files["optimizer"]), self.module)
             self.optimizer.set_learning_rate(self.lr)
         self.batch_size = int(self.manifest["inputs"][0]["shape"][0])
+        self.skipped_steps: list[int] = []
+
+    def _check_checkpoint(self, checkpoint: Path) -> None:
+        """Refuse a checkpoint written for other artifacts or in another format, before ORT reads its weights."""
+        fmt = _property(self.state, CHECKPOINT_FORMAT_PROPERTY)
+        if fmt is not None and fmt != CHECKPOINT_FORMAT:
+            raise RunError(
+                f"{checkpoint}: checkpoint format {fmt} is not {CHECKPOINT_FORMAT}; it needs another runtime"
+            )
+        owner = _property(self.state, ARTIFACTS_PROPERTY)
+        if owner is not None and owner != self.identity:
+            raise RunError(
+                f"{checkpoint}: this checkpoint was trained from other artifacts (model, plan or input shape "
+                f"differ from {self.artifacts}); start from {self.artifacts / INITIAL_CHECKPOINT} instead"
+            )
 
     @property
     def step(self) -> int:
         return int(self.state.properties["step"]) if "step" in self.state.properties else 0
 
-    def train_step(self, x: np.ndarray, y: np.ndarray) -> float:
+    def train_step(self, x: np.ndarray, y: np.ndarray, skip_nonfinite: bool = False) -> float:
+        """One optimizer step; returns the loss.
+
+        A non-finite loss or gradient never reaches the weights: it stops training with a RunError,
+        or with `skip_nonfinite` the batch is dropped (the step counter still advances, so the data
+        order stays a function of the step) and NaN is returned.
+        """
         self.module.train()
         outputs = self.module(x, y)
         loss = float(np.asarray(outputs[0] if isinstance(outputs, (list, tuple)) else outputs))
+        problem = None
         if not np.isfinite(loss):
+            problem = f"the loss is {loss}"
+        else:
+            bad = next(
+                (name for name in self.trainable if not np.isfinite(self.state.parameters[name].grad).all()), None
+            )
+            if bad is not None:
+                problem = f"the gradient of {bad} is not finite (loss {loss:.4g})"
+        if problem is not None:
             self.module.lazy_reset_grad()
-            raise RunError(f"step {self.step + 1}: the loss is {loss}; stopping before the weights are updated")
+            if not skip_nonfinite:
+                raise RunError(
+                    f"step {self.step + 1}: {problem}; stopping before the weights are updated "
+                    "(--skip-nonfinite skips such batches instead)"
+                )
+            self.skipped_steps.append(self.step + 1)
+            self.state.properties["step"] = self.step + 1
+            return float("nan")
         if self.optimizer is not None:
             self.optimizer.step()
         else:
@@ -200,22 +264,38 @@ class Trainer:
         checkpoint: Path | None = None,
         checkpoint_every: int = 0,
         out=sys.stderr,
+        skip_nonfinite: bool = False,
     ) -> list[float]:
-        """Train `steps` more steps; the data order depends only on (seed, step), so resuming repeats nothing."""
+        """Train `steps` more steps; the data order depends only on (seed, step), so resuming repeats nothing.
+
+        With `skip_nonfinite`, batches with a non-finite loss or gradient are skipped (their loss is NaN
+        in the returned list); MAX_CONSECUTIVE_SKIPS of them in a row stop training with a RunError.
+        """
         stream = batches(data, self.batch_size, seed, start_step=self.step)
         losses: list[float] = []
         start = time.perf_counter()
         target = self.step + steps
+        consecutive = 0
         while self.step < target:
             x, y = next(stream)
-            losses.append(self.train_step(x, y))
+            loss = self.train_step(x, y, skip_nonfinite=skip_nonfinite)
+            losses.append(loss)
+            consecutive = consecutive + 1 if np.isnan(loss) else 0
+            if np.isnan(loss):
+                print(f"step {self.step:>6}/{target}  skipped: non-finite loss or gradient", file=out, flush=True)
+            if consecutive >= MAX_CONSECUTIVE_SKIPS:
+                raise RunError(
+                    f"steps {self.step - consecutive + 1}..{self.step}: {consecutive} batches in a row had a "
+                    "non-finite loss or gradient; the run has diverged (lower the learning rate)"
+                )
             done = len(losses)
             if log_every and (done % log_every == 0 or self.step == target):
                 elapsed = time.perf_counter() - start
                 rate = done * self.batch_size / elapsed if elapsed else 0.0
-                recent = float(np.mean(losses[-log_every:]))
+                recent = [value for value in losses[-log_every:] if np.isfinite(value)]
+                shown = f"{float(np.mean(recent)):.4f}" if recent else "n/a"
                 print(
-                    f"step {self.step:>6}/{target}  loss {recent:.4f}  {rate:,.0f} samples/s",
+                    f"step {self.step:>6}/{target}  loss {shown}  {rate:,.0f} samples/s",
                     file=out,
                     flush=True,
                 )
@@ -231,17 +311,36 @@ class Trainer:
         """
         api = training_api()
         checkpoint = Path(checkpoint)
+        if checkpoint.resolve() == (self.artifacts / INITIAL_CHECKPOINT).resolve():
+            raise RunError(
+                f"{checkpoint}: is the compiled initial checkpoint, which the manifest's sha256 protects; "
+                "save the trained weights to another path"
+            )
+        # The last good checkpoint is never replaced by one holding NaN/Inf weights.
+        bad = [name for name in self.trainable if not np.isfinite(self.state.parameters[name].data).all()]
+        if bad:
+            raise RunError(f"{checkpoint}: not saved, {bad[0]} holds NaN or Inf; the previous checkpoint is kept")
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        if self._velocity:
-            velocity_path = _velocity_path(checkpoint, self.step)
-            temporary = velocity_path.with_name(velocity_path.name + ".tmp.npz")
-            np.savez(temporary, **self._velocity)
+        self.state.properties[ARTIFACTS_PROPERTY] = self.identity
+        self.state.properties[CHECKPOINT_FORMAT_PROPERTY] = CHECKPOINT_FORMAT
+        temporaries = []
+        try:
+            if self._velocity:
+                velocity_path = _velocity_path(checkpoint, self.step)
+                temporary = velocity_path.with_name(velocity_path.name + ".tmp.npz")
+                temporaries.append(temporary)
+                np.savez(temporary, **self._velocity)
+                _fsync(temporary)
+                os.replace(temporary, velocity_path)
+            temporary = checkpoint.with_name(checkpoint.name + ".tmp")
+            temporaries.append(temporary)
+            api.CheckpointState.save_checkpoint(self.state, str(temporary), include_optimizer_state=True)
             _fsync(temporary)
-            os.replace(temporary, velocity_path)
-        temporary = checkpoint.with_name(checkpoint.name + ".tmp")
-        api.CheckpointState.save_checkpoint(self.state, str(temporary), include_optimizer_state=True)
-        _fsync(temporary)
-        os.replace(temporary, checkpoint)
+            os.replace(temporary, checkpoint)
+        finally:
+            # Interrupted (Ctrl-C) between write and rename: the previous checkpoint stays, no stray temp file.
+            for temporary in temporaries:
+                temporary.unlink(missing_ok=True)
         for stale in checkpoint.parent.glob(f"{checkpoint.name}.momentum-*.npz"):
             if stale.name != _velocity_path(checkpoint, self.step).name:
                 stale.unlink(missing_ok=True)
@@ -259,6 +358,16 @@ class Trainer:
         output_names = [value["name"] for value in self.manifest["outputs"]]
         self.module.export_model_for_inferencing(str(path), output_names)
         return Path(path)
+
+
+def _property(state, name: str):
+    # ORT's PropertyBag has `in` and [] but no .get().
+    return state.properties[name] if name in state.properties else None  # noqa: SIM401
+
+
+def _last_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[-1] if text else type(exc).__name__
 
 
 def _velocity_path(checkpoint: Path, step: int) -> Path:

@@ -1,0 +1,165 @@
+"""Property-based tests: random conv configurations either compile and match an independent reference,
+or are refused with a GfError; nothing else (no crash, no wrong numbers).
+
+- gradient filtering: one Conv and ORT's ConvGrad, rewritten through the pass runner (as the compiler
+  runs it), against the float64 numpy transcription in tests/reference/;
+- row tiling: random conv chains, tiled forward vs the untiled forward of the same compile.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from hypothesis import HealthCheck, assume, event, given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper
+
+from gfcompile.config import CompileConfig
+from gfcompile.errors import GfError
+from gfcompile.loading import pin_shapes
+from gfcompile.passrunner import run_passes
+from gfcompile.pipeline import FORWARD_PASSES
+from gfcompile.planning import select_layers
+from passes import gradient_filter, row_tiling
+from passes.base import Plan
+from tests.reference.gradient_filter_numpy import gradient_filter_backward
+from tests.test_gradient_filter_pass import conv_out, make_layer, rel_err
+from tests.tiny_models import ConvSpec, tiny_cnn
+
+TOL = 1e-5
+GROUPS = {"g1": (3, 6, 1), "depthwise": (4, 4, 4), "grouped": (4, 6, 2)}  # C_in, C_out, group
+
+
+def _value(name: str, shape) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, list(shape))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
+@given(
+    kernel=st.sampled_from([1, 3, 5]),
+    stride=st.sampled_from([1, 2]),
+    groups=st.sampled_from(list(GROUPS)),
+    pad=st.integers(0, 3),
+    dilation=st.sampled_from([1, 2, 3]),
+    height=st.integers(3, 15),
+    width=st.integers(3, 15),
+    r=st.integers(1, 8),
+    seed=st.integers(0, 2**16),
+)
+def test_gradient_filter_matches_reference_or_refuses(kernel, stride, groups, pad, dilation, height, width, r, seed):
+    c_in, c_out, group = GROUPS[groups]
+    assume(
+        conv_out(height, kernel, stride, 2 * pad, dilation) >= 1
+        and conv_out(width, kernel, stride, 2 * pad, dilation) >= 1
+    )
+    attrs = {"strides": (stride, stride), "pads": (pad,) * 4, "dilations": (dilation, dilation), "group": group}
+    layer = make_layer(
+        "conv", "x", "y", "w", "b", (2, c_in, height, width), (c_out, c_in // group, kernel, kernel), attrs
+    )
+    onnx_attrs = {
+        "kernel_shape": [kernel, kernel],
+        "strides": [stride] * 2,
+        "pads": [pad] * 4,
+        "dilations": [dilation] * 2,
+    }
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv", group=group, **onnx_attrs),
+        helper.make_node(
+            "ConvGrad",
+            ["gy", "x", "w"],
+            ["dx", "dw", "db"],
+            name="conv_grad",
+            domain="com.microsoft",
+            group=group,
+            **onnx_attrs,
+        ),
+    ]
+    w_shape = (c_out, c_in // group, kernel, kernel)
+    inputs = [_value("x", layer.x_shape), _value("w", w_shape), _value("b", (c_out,)), _value("gy", layer.y_shape)]
+    outputs = [_value("y", layer.y_shape), _value("dx", layer.x_shape), _value("dw", w_shape), _value("db", (c_out,))]
+    model = helper.make_model(
+        helper.make_graph(nodes, "g", inputs, outputs),
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
+    )
+    model.ir_version = 9
+    plan = Plan(convs=[layer], trainable_convs=["conv"], filtered={"conv": r})
+    try:
+        rewritten = run_passes((gradient_filter,), model, plan, stage="training")
+    except GfError as exc:
+        assert "conv" in str(exc)  # a refusal names the layer
+        event("refused")
+        return
+    event("compared")
+    onnx.checker.check_model(rewritten)
+    rng = np.random.default_rng(seed)
+    feeds = {
+        "x": rng.standard_normal(layer.x_shape).astype(np.float32),
+        "w": rng.standard_normal(w_shape).astype(np.float32),
+        "b": np.zeros(c_out, np.float32),
+        "gy": rng.standard_normal(layer.y_shape).astype(np.float32),
+    }
+    session = ort.InferenceSession(rewritten.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds), strict=True))
+    gx, gw, gb = gradient_filter_backward(
+        feeds["x"], feeds["w"], feeds["gy"], layer.strides, layer.pads, layer.dilations, group, r
+    )
+    assert rel_err(got["dx"], gx) <= TOL
+    assert rel_err(got["dw"], gw) <= TOL
+    assert rel_err(got["db"], gb) <= TOL
+
+
+_conv_specs = st.builds(
+    ConvSpec,
+    out_channels=st.sampled_from([2, 4]),
+    kernel=st.sampled_from([1, 3, 5]),
+    stride=st.sampled_from([1, 2]),
+    pad=st.integers(0, 2),
+    dilation=st.sampled_from([1, 1, 2]),
+    relu=st.booleans(),
+)
+
+
+def _forward(model: onnx.ModelProto, tiles: int, strategy: str):
+    config = CompileConfig(train_layers=1, batch_size=1, row_tiles=tiles, row_strategy=strategy)
+    pinned = pin_shapes(model, config)
+    plan = select_layers(pinned, config)
+    return run_passes(FORWARD_PASSES, pinned, plan, stage="forward"), plan
+
+
+def _run(model: onnx.ModelProto, plan, x: np.ndarray) -> np.ndarray:
+    spec = row_tiling.required_session_options(plan)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, spec["graph_optimization_level"])
+    options.execution_order = getattr(ort.ExecutionOrder, spec["execution_order"])
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})[0]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
+@given(
+    convs=st.lists(_conv_specs, min_size=3, max_size=5),
+    height=st.integers(16, 48),
+    width=st.integers(5, 17),
+    tiles=st.integers(2, 6),
+    strategy=st.sampled_from(["overl", "2ps"]),
+)
+def test_row_tiling_matches_untiled_or_refuses(convs, height, width, tiles, strategy):
+    size = (height, width)
+    for spec in convs:
+        size = tuple(conv_out(n, spec.kernel, spec.stride, 2 * spec.pad, spec.dilation) for n in size)
+        assume(min(size) >= 1)
+    model = tiny_cnn(convs, input_shape=(3, height, width), batch=1)
+    base, plan = _forward(model, 0, strategy)
+    try:
+        tiled, tiled_plan = _forward(model, tiles, strategy)
+    except GfError as exc:
+        assert "row" in str(exc)  # e.g. "--row-tiles 8 is more than the 5 output rows ..."
+        event("refused")
+        return
+    event("compared, tiled" if any(n.name.startswith("rowtile/") for n in tiled.graph.node) else "compared, untiled")
+    onnx.checker.check_model(tiled)
+    x = np.random.default_rng(0).standard_normal((1, 3, height, width)).astype(np.float32)
+    expected, actual = _run(base, plan, x), _run(tiled, tiled_plan, x)
+    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-6)
