@@ -27,8 +27,10 @@ runs ~20 small ops with a fixed cost each, so the op count and a few slow ORT ke
 (Expand into the last axes, a Transpose moving 9-float runs, ReduceSum over a
 middle axis of a short row) decided the small layers, not the FLOPs. Hence:
 - pooling: ONE MatMul with a 0/1 (or 1/count) matrix reads g_y once when each element
-  feeds few outputs (r whole rows -> p_w windows, or the whole map -> every window);
-  wide maps use a 0/1 MatMul over column blocks then a ReduceSum over row pairs;
+  feeds few outputs (r whole rows -> p_w windows, or the whole map -> every window; "few"
+  is wider for r <= 2); wider maps sum the r rows of each window first (ReduceSum over a
+  middle axis of whole rows), then the column blocks of that r times smaller tensor with
+  a 0/1 MatMul;
 - grad_W and the channel mix: with few patches, g^ and x~ are transposed to
   channel-major (small tensors) so each is ONE GEMM over batch x patches; with many,
   per-sample batched GEMMs, the FusedMatMul alpha carrying the scale;
@@ -362,8 +364,26 @@ class _Emitter:
 
 # One MatMul pools a tensor in a single pass when each element feeds at most this many
 # outputs (2 FLOPs each); the two-stage block sum / AveragePool win beyond it (measured
-# at 14x14..120x160: a win up to p_w = 20, a loss from 28 on).
+# at 14x14..120x160 with windows of 3+ rows: a win up to p_w = 20, a tie at 28 (r=4,
+# 32x112x112), a loss from 40 on (r=4, 128x120x160: 0.74x of the two-stage sum)).
 _ONE_PASS_MAX_OUTPUTS = 24
+# With windows of at most 2 rows the two-stage sum's column MatMul still reads half of the
+# input, so the one MatMul wins up to wider rows: CPU time at batch 32, 2 threads, measured
+# interleaved: 1.9x at p_w = 28 (64x56x56), 1.5x at 40 (256x60x80), 1.2x at 56
+# (32x112x112), 0.7x at 80 (128x120x160).
+_ONE_PASS_MAX_OUTPUTS_TWO_ROWS = 64
+
+
+# Unaligned g_y with too many windows for one MatMul: a column MatMul (2 * p_w FLOPs per
+# element) then a row-window MatMul over the planes beats AveragePool(count_include_pad=0)
+# up to this p_w (CPU time at batch 32: 1.5x at 512x30x40 r=4, 1.4x at 128x28x28 r=3,
+# 0.9x at 64x56x56 r=3 with p_w = 19).
+_SEPARABLE_MAX_OUTPUTS = 16
+
+
+def _one_pass(outputs: int, rows: int) -> bool:
+    """Pool with one 0/1 MatMul (2 * `outputs` FLOPs per element) rather than in two stages."""
+    return outputs <= (_ONE_PASS_MAX_OUTPUTS_TWO_ROWS if rows <= 2 else _ONE_PASS_MAX_OUTPUTS)
 
 
 def _block_width(count: int) -> int:
@@ -382,25 +402,30 @@ def _block_sum(em: _Emitter, name: str, src: gs.Tensor, shape: tuple[int, ...], 
     p_h, p_w = h // b_h, w // b_w
     if b_h == 1 and b_w == 1:
         return em.op("Identity", name, [src], shape)
-    if p_w <= _ONE_PASS_MAX_OUTPUTS:
+    if _one_pass(p_w, b_h):
         # b_h whole rows are contiguous: (N*C*p_h, b_h*W) @ (b_h*W, p_w) reads src once.
         window = np.kron(np.eye(p_w, dtype=np.float32), np.ones((b_w, 1), dtype=np.float32))
         flat = em.reshape(f"{name}_rows", src, (n * c * p_h, b_h * w))
         matrix = em.const(f"{name}_matrix", np.tile(window, (b_h, 1)))
         return em.reshape(name, em.op("MatMul", f"{name}_mm", [flat, matrix], (n * c * p_h, p_w)), (n, c, p_h, p_w))
     cur: gs.Tensor = src
-    # Columns first (MatMul with a 0/1 block matrix), then row groups (ReduceSum over the
-    # middle axis of (N*C*p_h, b_h, p_w), ORT's bandwidth-bound KRK path): 7% faster than
-    # the other order and 25% faster than AveragePool at 32x128x120x160.
+    # Rows first (ReduceSum over the middle axis of (N*C*p_h, b_h, W): ORT's KRK path,
+    # vectorised over a whole row, about one pass over src), then the column blocks with a
+    # 0/1 MatMul on the b_h times smaller result. The other order ran the MatMul over all of
+    # src and the ReduceSum over rows only p_w long; CPU time of this order at batch 32,
+    # 2 threads, interleaved: 1.17x faster at 128x120x160 r=4, 1.15x at r=2, 1.19x at
+    # 256x60x80 r=4, 0.93x at 32x112x112 r=2 (where the one MatMul is taken anyway).
+    # AveragePool and a depthwise ones-kernel Conv measured 0.6-1.05x of the old order at
+    # these wide maps, a 6-D ReduceSum over axes (2, 4) 0.9-1.1x.
+    if b_h > 1:
+        rows = em.reshape(f"{name}_rows", cur, (n * c * p_h, b_h, w))
+        cur = em.reduce_sum(f"{name}_hsum", rows, (1,), (n * c * p_h, w))
     if b_w > 1:
         m = _block_width(p_w)
-        blocks = em.reshape(f"{name}_cols", cur, (n * c * h * p_w // m, m * b_w))
+        blocks = em.reshape(f"{name}_cols", cur, (n * c * p_h * p_w // m, m * b_w))
         ones = np.kron(np.eye(m, dtype=np.float32), np.ones((b_w, 1), dtype=np.float32))
         matrix = em.const(f"{name}_wsum_matrix", ones)
-        cur = em.op("MatMul", f"{name}_wsum", [blocks, matrix], (n * c * h * p_w // m, m))
-    if b_h > 1:
-        rows = em.reshape(f"{name}_rows", cur, (n * c * p_h, b_h, p_w))
-        cur = em.reduce_sum(f"{name}_hsum", rows, (1,), (n * c * p_h, p_w))
+        cur = em.op("MatMul", f"{name}_wsum", [blocks, matrix], (n * c * p_h * p_w // m, m))
     return em.reshape(name, cur, (n, c, p_h, p_w))
 
 
@@ -471,7 +496,7 @@ def _pool_grad(
     rows, cols = rows / rows.sum(axis=0), cols / cols.sum(axis=0)
     to_mean, weights = 1.0, counts
     rows_whole = geom.g_pads[0] == 0 and geom.g_pads[2] == 0
-    if rows_whole and p_w <= _ONE_PASS_MAX_OUTPUTS:
+    if rows_whole and _one_pass(p_w, r):
         # r whole rows are contiguous: (N*C*p_h, r*W) @ (r*W, p_w) reads g_y once.
         matrix = np.tile(cols, (r, 1)) / r
         flat = em.reshape("g_pool_rows", g_y, (n * c * p_h, r * w))
@@ -486,6 +511,23 @@ def _pool_grad(
         pooled = em.op(
             "MatMul", "g_pool_mm", [flat, em.const("g_pool_matrix", matrix.astype(np.float32))], (n * c, p_h * p_w)
         )
+        return em.reshape("g_pool", pooled, geom.g_pooled_shape), to_mean, weights
+    if p_w <= _SEPARABLE_MAX_OUTPUTS:
+        # Columns then rows, each a MatMul with its 1/count window matrix (the mean is
+        # separable): the first reads g_y once, the second only the r times smaller result.
+        cols_sum = em.op(
+            "MatMul",
+            "g_pool_sep_cols",
+            [
+                em.reshape("g_pool_sep_in", g_y, (n * c * h, w)),
+                em.const("g_pool_sep_cols_matrix", cols.astype(np.float32)),
+            ],
+            (n * c * h, p_w),
+        )
+        planes = em.reshape("g_pool_sep_planes", cols_sum, (n * c, h, p_w))
+        # A 2-D left operand broadcasts over the N*C planes: (p_h, H) @ (N*C, H, p_w).
+        row_windows = em.const("g_pool_sep_rows_matrix", np.ascontiguousarray(rows.T).astype(np.float32))
+        pooled = em.op("MatMul", "g_pool_sep_rows", [row_windows, planes], (n * c, p_h, p_w))
         return em.reshape("g_pool", pooled, geom.g_pooled_shape), to_mean, weights
     # Border windows are partly outside the image: count_include_pad=0 divides by the
     # in-image count, which is the exact mean the method defines.

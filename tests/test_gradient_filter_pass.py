@@ -165,16 +165,21 @@ SWEEP = _sweep_cases()
 
 # The pass picks its op forms by size (one-pass MatMul pooling of g_y, one GEMM over
 # batch x patches); the sweep's small maps would take only the small-size forms, so every
-# form is forced once: (max outputs per g_y element for one-pass pooling, max patches for one GEMM).
-PATHS = {"by-size": None, "staged": (0, 0), "one-pass": (10**9, 10**9)}
+# form is forced once by the module's size limits.
+_LIMITS = ("_ONE_PASS_MAX_OUTPUTS", "_ONE_PASS_MAX_OUTPUTS_TWO_ROWS", "_SEPARABLE_MAX_OUTPUTS", "_ONE_GEMM_MAX_PATCHES")
+PATHS = {
+    "by-size": {},
+    "staged": dict.fromkeys(_LIMITS, 0),
+    "separable": {**dict.fromkeys(_LIMITS, 0), "_SEPARABLE_MAX_OUTPUTS": 10**9},
+    "one-pass": dict.fromkeys(_LIMITS, 10**9),
+}
 
 
 @pytest.mark.parametrize("path", list(PATHS))
 def test_conv_forms_match_reference(monkeypatch: pytest.MonkeyPatch, path: str) -> None:
     # One test over all SWEEP cases (about 1 s): a failure lists every failing form at once.
-    if PATHS[path] is not None:
-        monkeypatch.setattr(gf, "_ONE_PASS_MAX_OUTPUTS", PATHS[path][0])
-        monkeypatch.setattr(gf, "_ONE_GEMM_MAX_PATCHES", PATHS[path][1])
+    for limit, value in PATHS[path].items():
+        monkeypatch.setattr(gf, limit, value)
     failures = []
     forms: set[str] = set()
     for i, (k, s, same, d, kind, r, h) in enumerate(SWEEP):
@@ -195,6 +200,9 @@ def test_conv_forms_match_reference(monkeypatch: pytest.MonkeyPatch, path: str) 
     one_pass = {"g_pool_mm", "g_major", "x_major"}
     if path == "staged":
         assert not one_pass & forms and {"g_pool_wsum", "g_pool_hsum", "gw_sum"} <= forms
+        assert "g_pool_sep_cols" not in forms
+    if path == "separable":
+        assert {"g_pool_sep_cols", "g_pool_sep_rows"} <= forms
     if path == "one-pass":
         assert one_pass <= forms and "gw_sum" in forms  # gw_sum: depthwise Mul+ReduceSum
         assert "g_pool_hsum" not in forms
