@@ -41,7 +41,36 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--no-cache", action="store_true", help="re-export and recompile instead of reusing <out>/cache"
     )
+    parser.add_argument(
+        "--models",
+        default="",
+        help="memory/step only: comma-separated zoo models of the profile to run (default: all)",
+    )
+    parser.add_argument(
+        "--variants",
+        default="",
+        help="memory/step only: comma-separated variants to run, e.g. ort_tiled,ort_tiled_filtered "
+        "(torch_exact and ort_exact always run: every ratio is against them; default: all)",
+    )
     return parser
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
+def _check_filters(profile: str, models: tuple[str, ...], variants: tuple[str, ...]) -> str | None:
+    """A one-line error for --models / --variants names the memory and step suites do not know."""
+    from .training import SETTINGS, VARIANTS
+
+    known = sorted({config.model for config in SETTINGS[profile].configs})
+    if set(models) - set(known):
+        return (
+            f"--models: {', '.join(sorted(set(models) - set(known)))} not in the {profile} profile ({', '.join(known)})"
+        )
+    if set(variants) - set(VARIANTS):
+        return f"--variants: unknown {', '.join(sorted(set(variants) - set(VARIANTS)))} (choose from {', '.join(VARIANTS)})"
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -50,6 +79,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if threads < 1 or args.repeat < 1:
         _log("--threads and --repeat must be >= 1")
         return 2
+    problem = _check_filters(args.profile, _names(args.models), _names(args.variants))
+    if problem:
+        _log(problem)
+        return 2
     ctx = SuiteContext(
         profile=args.profile,
         out_dir=args.out,
@@ -57,6 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         repeat=args.repeat,
         use_cache=not args.no_cache,
         log=_log,
+        models=_names(args.models),
+        variants=_names(args.variants),
     )
     names = list(SUITES) if args.suite == "all" else [args.suite]
     failed = []

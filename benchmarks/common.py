@@ -48,6 +48,9 @@ class SuiteContext:
     repeat: int = 1
     use_cache: bool = True
     log: Callable[[str], None] = print
+    # Restrictions for the memory and step suites (empty: everything in the profile).
+    models: tuple[str, ...] = ()
+    variants: tuple[str, ...] = ()
 
     @property
     def cache_dir(self) -> Path:

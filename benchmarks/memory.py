@@ -20,12 +20,19 @@ from .common import MIB, SuiteContext, SuiteResult, fmt, md_table
 from .graph_stats import saved_for_backward
 
 ORT_EXACT, TORCH_EXACT = "ort_exact", "torch_exact"
+# Which analytic count applies: the trained convs keep x (exact backward) or x~ (filtered backward).
+EXACT_BACKWARD = ("torch_exact", "ort_exact", "ort_tiled")
+FILTERED_BACKWARD = ("torch_filtered", "ort_filtered", "ort_tiled_filtered")
+# Issue 5's memory goal: filtering + row tiling <= 30% of torch eager exact BP, MobileNetV2 224², batch 32, last 4.
+GOAL_CONFIG = ("mobilenet_v2", 224, 32)
+GOAL_VARIANT = "ort_tiled_filtered"
+GOAL_RATIO = 0.30
 
 
 def run(ctx: SuiteContext) -> SuiteResult:
     settings = training.SETTINGS[ctx.profile]
     entries = []
-    for config in settings.configs:
+    for config in training.selected_configs(ctx, settings):
         prepared = training.prepare(ctx, config, arena_off=True)
         runs = training.run_variants(ctx, prepared, "memory", settings)
         variants = {variant: _summarise(variant_runs) for variant, variant_runs in runs.items()}
@@ -55,9 +62,11 @@ def run(ctx: SuiteContext) -> SuiteResult:
         "num_classes": training.NUM_CLASSES,
         "train_layers": training.TRAIN_LAYERS,
         "patch_size": training.PATCH_SIZE,
+        "row_tiles": training.ROW_TILES,
         "malloc_env": training.MEMORY_ENV,
         "entries": entries,
     }
+    data["goal"] = _goal(entries)
     return SuiteResult(data=data, markdown=_markdown(data), plot=lambda path: _plot(data, path))
 
 
@@ -93,13 +102,47 @@ def _ratios(variants: dict[str, dict[str, Any]]) -> None:
 def _analytic(entry: dict[str, Any], variant: str) -> tuple[int | None, float | None]:
     """Analytic input-activation bytes of the trained convs (manifest totals): batch 1, and x batch in MiB."""
     totals = entry["analytic_totals_batch1"]
-    if variant in ("ort_exact", "torch_exact"):
+    filtered = [totals[v] for v in ("ort_filtered", "ort_tiled_filtered") if v in totals]
+    if variant in EXACT_BACKWARD:
         value = totals["ort_exact"]["vanilla_activation_bytes"]
-    elif variant in ("ort_filtered", "torch_filtered"):
-        value = totals["ort_filtered"]["compiled_activation_bytes"]
+    elif variant in FILTERED_BACKWARD and filtered:
+        value = filtered[0]["compiled_activation_bytes"]
     else:
         return None, None  # checkpointing keeps block inputs, which the table does not model
     return value, value * entry["config"]["batch"] / MIB
+
+
+def _goal(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """The issue's memory goal, from the goal configuration's entry if this run measured it."""
+    model, size, batch = GOAL_CONFIG
+    goal: dict[str, Any] = {"config": list(GOAL_CONFIG), "variant": GOAL_VARIANT, "max_ratio": GOAL_RATIO}
+    for entry in entries:
+        config = entry["config"]
+        if (config["model"], config["size"], config["batch"]) == GOAL_CONFIG and GOAL_VARIANT in entry["variants"]:
+            result = entry["variants"][GOAL_VARIANT]
+            goal.update(
+                measured=True,
+                step1_vs_torch_exact=result["step1_vs_torch_exact"],
+                step2_vs_torch_exact=result["step2_vs_torch_exact"],
+                met=result["step1_vs_torch_exact"] <= GOAL_RATIO,
+            )
+            return goal
+    goal["measured"] = False
+    return goal
+
+
+def _goal_line(goal: dict[str, Any]) -> str:
+    model, size, batch = goal["config"]
+    label = training.VARIANT_LABELS[goal["variant"]]
+    if not goal["measured"]:
+        return f"Goal (peak of {label} ≤ {goal['max_ratio']:.0%} of torch eager exact, {model} {size}² b{batch}): not in this run."
+    step2 = goal["step2_vs_torch_exact"]
+    return (
+        f"Goal: peak training-step memory of {label} ≤ {goal['max_ratio']:.0%} of torch eager exact BP for {model} "
+        f"at {size}², batch {batch}, last 4 layers: measured {goal['step1_vs_torch_exact']:.0%} (step 1)"
+        + (f", {step2:.0%} (step 2)" if step2 is not None else "")
+        + f": **{'met' if goal['met'] else 'missed'}**."
+    )
 
 
 def _markdown(data: dict[str, Any]) -> str:
@@ -162,9 +205,13 @@ def _markdown(data: dict[str, Any]) -> str:
         "of the next (zero_grad(set_to_none=True)), ORT allocates both when loading: compare ORT with torch "
         "on 'step 2' rather than 'step 1', and note that torch's 'step 2' starts after its gradients are freed. "
         "Ratios are variant ÷ baseline (below 1 = less memory). 'analytic act.' is the manifest's "
-        "layers.totals: fp32 input activations of the trained convs (vanilla for exact, x~ for filtered).",
+        "layers.totals: fp32 input activations of the trained convs (vanilla for exact, x~ for filtered). "
+        f"(f) and (g) run the frozen prefix's conv chains in {data['row_tiles']} row bands (`--row-tiles "
+        f"{data['row_tiles']}`, OverL); their artifacts also turn off ORT's memory pattern and buffer reuse.",
         "",
         md_table(headers, rows, numeric_from=2, text_columns=(3,)),
+        "",
+        _goal_line(data["goal"]),
         "",
         "'ORT fwd→bwd tensors' is static: the bytes of every forward tensor that a backward node of the "
         "compiled training graph reads (what ORT must keep from the forward into the backward; weight-only "
@@ -210,15 +257,16 @@ def _plot(data: dict[str, Any], path: Path) -> None:
     import numpy as np
 
     entries = data["entries"]
+    variants = list(entries[0]["variants"]) if entries else []
     x = np.arange(len(entries))
-    width = 0.8 / len(training.VARIANTS)
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    width = 0.8 / max(len(variants), 1)
+    fig, axes = plt.subplots(1, 2, figsize=(14, 4.5))
     for ax, key, title in zip(
         axes, ("step1", "step2"), ("step 1 peak − post-load", "step 2 peak − pre-step RSS"), strict=True
     ):
-        for i, variant in enumerate(training.VARIANTS):
+        for i, variant in enumerate(variants):
             values = [entry["variants"][variant][f"{key}_delta_mib"] or 0.0 for entry in entries]
-            offset = (i - (len(training.VARIANTS) - 1) / 2) * width
+            offset = (i - (len(variants) - 1) / 2) * width
             ax.bar(x + offset, values, width, label=training.VARIANT_LABELS[variant])
         ax.set_xticks(x, [entry["label"] for entry in entries], fontsize=8)
         ax.set_ylabel("MiB")

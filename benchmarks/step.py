@@ -19,7 +19,7 @@ from .common import SuiteContext, SuiteResult, fmt, md_table
 def run(ctx: SuiteContext) -> SuiteResult:
     settings = training.SETTINGS[ctx.profile]
     entries = []
-    for config in settings.configs:
+    for config in training.selected_configs(ctx, settings):
         prepared = training.prepare(ctx, config, arena_off=False)
         runs = training.run_variants(ctx, prepared, "step", settings)
         variants = {variant: _summarise(variant_runs) for variant, variant_runs in runs.items()}
@@ -38,6 +38,7 @@ def run(ctx: SuiteContext) -> SuiteResult:
         "num_classes": training.NUM_CLASSES,
         "train_layers": training.TRAIN_LAYERS,
         "patch_size": training.PATCH_SIZE,
+        "row_tiles": training.ROW_TILES,
         "entries": entries,
     }
     return SuiteResult(data=data, markdown=_markdown(data), plot=lambda path: _plot(data, path))
@@ -92,7 +93,9 @@ def _markdown(data: dict[str, Any]) -> str:
         f"+ head, {data['num_classes']} classes, BN in eval mode, after {data['settings']['warmup']} warm-up "
         f"steps; at least {data['settings']['min_reps']} timed steps and {data['settings']['min_time_s']:.0f} s "
         f"per process; each row is a fresh process ({data['repeat']} per row). ORT filtered uses "
-        f"r={data['patch_size']}; ORT's memory arena is on. '×' = baseline time ÷ variant time (above 1 = faster).",
+        f"r={data['patch_size']}; ORT's memory arena is on, except for the row-tiled (f) and (g), whose artifacts "
+        "turn off the arena, the memory pattern and buffer reuse (what `gfcompile --row-tiles` records for "
+        "them). '×' = baseline time ÷ variant time (above 1 = faster).",
         "",
         md_table(headers, rows, numeric_from=2, text_columns=(3,)),
         "",
@@ -109,12 +112,13 @@ def _plot(data: dict[str, Any], path: Path) -> None:
     import numpy as np
 
     entries = data["entries"]
+    variants = list(entries[0]["variants"]) if entries else []
     x = np.arange(len(entries))
-    width = 0.8 / len(training.VARIANTS)
-    fig, ax = plt.subplots(figsize=(10, 4.5))
-    for i, variant in enumerate(training.VARIANTS):
+    width = 0.8 / max(len(variants), 1)
+    fig, ax = plt.subplots(figsize=(11, 4.5))
+    for i, variant in enumerate(variants):
         values = [entry["variants"][variant]["median_s"] * 1e3 for entry in entries]
-        offset = (i - (len(training.VARIANTS) - 1) / 2) * width
+        offset = (i - (len(variants) - 1) / 2) * width
         ax.bar(x + offset, values, width, label=training.VARIANT_LABELS[variant])
     ax.set_xticks(x, [entry["label"] for entry in entries], fontsize=8)
     ax.set_yscale("log")

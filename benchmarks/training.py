@@ -6,12 +6,14 @@ configuration, either compiled artifacts through `runtime.trainer.Trainer` (ORT)
 PyTorch eager baseline, and measures memory or step time.
 
 Variants, all training the last 4 convs plus the head (and the BN affine parameters in
-between) with AdamW, cross-entropy, BN in eval mode:
-  ort_exact         gfcompile --filter-layers 0 --train-layers 4 (ORT's ConvGrad backward)
-  ort_filtered      gfcompile --filter-layers 4 (r = 2)
-  torch_exact       (a) eager autograd; only the trained parameters require grad
-  torch_filtered    (b) eager with tests/reference/gradient_filter_torch.py's autograd function
-  torch_checkpoint  (c) eager with torch.utils.checkpoint around each trained block
+between) with AdamW, cross-entropy (per pixel for the segmentation net), BN in eval mode:
+  torch_exact         (a) eager autograd; only the trained parameters require grad
+  torch_filtered      (b) eager with tests/reference/gradient_filter_torch.py's autograd function
+  torch_checkpoint    (c) eager with torch.utils.checkpoint around each trained block
+  ort_exact           (d) gfcompile --filter-layers 0 --train-layers 4 (ORT's ConvGrad backward)
+  ort_filtered        (e) gfcompile --filter-layers 4 (r = 2)
+  ort_tiled           (f) (d) with --row-tiles 8: the frozen prefix runs in 8 row bands
+  ort_tiled_filtered  (g) (e) with --row-tiles 8
 """
 
 from __future__ import annotations
@@ -37,17 +39,39 @@ from .common import (
 )
 
 MODELS = ("mobilenet_v2", "resnet18")
-NUM_CLASSES = 10  # a fine-tuning head (CIFAR-10-like), as in the paper's classification runs
+SEGMENTATION_MODEL = "deeplabv3_resnet18"
+NUM_CLASSES = 10  # a fine-tuning head (CIFAR-10-like), as in the paper's classification runs; per pixel for DeepLab
 TRAIN_LAYERS = 4
 PATCH_SIZE = 2
+ROW_TILES = 8
 SEED = 0
-VARIANTS = ("ort_exact", "ort_filtered", "torch_exact", "torch_filtered", "torch_checkpoint")
+# DeepLab's ASPP image-pooling conv sees a 1x1 map: only r = 1 fits it (where filtering is exact).
+PATCH_SIZE_MAPS = {SEGMENTATION_MODEL: {"classifier.0.convs.4.1.weight": 1}}
+# What each ORT variant changes in the CompileConfig (the rest is shared, see compile_variant).
+ORT_VARIANTS: dict[str, dict[str, int]] = {
+    "ort_exact": {"filter_layers": 0, "row_tiles": 0},
+    "ort_filtered": {"filter_layers": TRAIN_LAYERS, "row_tiles": 0},
+    "ort_tiled": {"filter_layers": 0, "row_tiles": ROW_TILES},
+    "ort_tiled_filtered": {"filter_layers": TRAIN_LAYERS, "row_tiles": ROW_TILES},
+}
+BASELINES = ("torch_exact", "ort_exact")  # every ratio is against these two, so they always run
+VARIANTS = (
+    "torch_exact",
+    "torch_filtered",
+    "torch_checkpoint",
+    "ort_exact",
+    "ort_filtered",
+    "ort_tiled",
+    "ort_tiled_filtered",
+)
 VARIANT_LABELS = {
-    "ort_exact": "ORT exact",
-    "ort_filtered": f"ORT filtered r={PATCH_SIZE}",
     "torch_exact": "torch eager exact (a)",
     "torch_filtered": f"torch eager filtered r={PATCH_SIZE} (b)",
     "torch_checkpoint": "torch checkpoint (c)",
+    "ort_exact": "ORT exact (d)",
+    "ort_filtered": f"ORT filtered r={PATCH_SIZE} (e)",
+    "ort_tiled": f"ORT row tiling K={ROW_TILES} (f)",
+    "ort_tiled_filtered": f"ORT tiling K={ROW_TILES} + filtered r={PATCH_SIZE} (g)",
 }
 # glibc's default mmap threshold moves up (to 32 MiB) after the first big free, after which
 # freed tensors stay in the heap and the RSS peak depends on fragmentation. A fixed threshold
@@ -66,6 +90,10 @@ class TrainConfig:
     def label(self) -> str:
         return f"{self.model} {self.size}² b{self.batch}"
 
+    @property
+    def segmentation(self) -> bool:
+        return self.model == SEGMENTATION_MODEL
+
 
 @dataclass(frozen=True)
 class TrainSettings:
@@ -80,8 +108,10 @@ SETTINGS = {
     "quick": TrainSettings(
         configs=tuple(TrainConfig(m, 112, 4) for m in MODELS), warmup=1, min_reps=3, min_time_s=0.2, max_reps=10
     ),
+    # DeepLab at 512² runs at batch 8 only: one step of it (output stride 8) is ~100x MobileNetV2's at 224².
     "full": TrainSettings(
-        configs=tuple(TrainConfig(m, 224, b) for m in MODELS for b in (8, 32)),
+        configs=tuple(TrainConfig(m, 224, b) for m in (*MODELS, "mcunet") for b in (8, 32))
+        + (TrainConfig(SEGMENTATION_MODEL, 512, 8),),
         warmup=2,
         min_reps=5,
         min_time_s=5.0,
@@ -100,7 +130,7 @@ class Prepared:
     """Compiled artifacts of one configuration and what the torch baselines need to match them."""
 
     config: TrainConfig
-    artifacts: dict[str, Path]  # ort_exact / ort_filtered -> artifacts folder (arena as compiled: on)
+    artifacts: dict[str, Path]  # ORT variant -> artifacts folder (arena as compiled: on, off when tiled)
     arena_off: dict[str, Path]  # the same with manifest session_options.enable_cpu_mem_arena = False
     trainable_params: list[str]
     trained_modules: list[str]  # torch module names of the trained convs, first to last
@@ -137,28 +167,33 @@ def export_model(ctx: SuiteContext, model: str, size: int) -> Path:
 
 
 def compile_variant(ctx: SuiteContext, config: TrainConfig, variant: str, onnx_path: Path) -> Path:
-    """Compile `variant` (ort_exact / ort_filtered) of `config` into the cache, unless a matching build exists."""
+    """Compile ORT `variant` of `config` into the cache, unless a matching build exists."""
     from gfcompile.config import CompileConfig
     from gfcompile.pipeline import compile_model
     from runtime.trainer import sha256_file
 
     out = ctx.cache_dir / "artifacts" / f"{config.model}_{config.size}_b{config.batch}_{variant}"
     stamp = out.with_name(out.name + ".stamp.json")
+    filter_layers = ORT_VARIANTS[variant]["filter_layers"]
     expected = {
         "source_sha256": sha256_file(onnx_path),
         "compiler": _compiler_fingerprint(),
-        "filter_layers": TRAIN_LAYERS if variant == "ort_filtered" else 0,
+        "filter_layers": filter_layers,
         "train_layers": TRAIN_LAYERS,
         "patch_size": PATCH_SIZE,
+        "patch_size_map": PATCH_SIZE_MAPS.get(config.model, {}) if filter_layers else {},
+        "row_tiles": ORT_VARIANTS[variant]["row_tiles"],
         "batch": config.batch,
     }
     cached = ctx.use_cache and stamp.is_file() and (out / "manifest.json").is_file()
     if cached and json.loads(stamp.read_text()) == expected:
         return out
     compile_config = CompileConfig(
-        filter_layers=expected["filter_layers"],
+        filter_layers=filter_layers,
         train_layers=TRAIN_LAYERS,
         patch_size=PATCH_SIZE,
+        patch_size_map=dict(expected["patch_size_map"]),
+        row_tiles=expected["row_tiles"],
         batch_size=config.batch,
         output_dir=out,
         force=True,
@@ -187,17 +222,40 @@ def arena_off_copy(artifacts: Path) -> Path:
     return target
 
 
+def selected_variants(ctx: SuiteContext) -> tuple[str, ...]:
+    """The variants `--variants` asks for (all by default), plus the two baselines every ratio needs."""
+    unknown = set(ctx.variants) - set(VARIANTS)
+    if unknown:
+        raise ValueError(f"unknown variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
+    wanted = set(ctx.variants or VARIANTS) | set(BASELINES)
+    return tuple(variant for variant in VARIANTS if variant in wanted)
+
+
+def selected_configs(ctx: SuiteContext, settings: TrainSettings) -> tuple[TrainConfig, ...]:
+    """The profile's configurations, restricted to `--models` when given."""
+    known = {config.model for config in settings.configs}
+    unknown = set(ctx.models) - known
+    if unknown:
+        raise ValueError(f"models {sorted(unknown)} are not in this profile ({', '.join(sorted(known))})")
+    return tuple(config for config in settings.configs if not ctx.models or config.model in ctx.models)
+
+
 def prepare(ctx: SuiteContext, config: TrainConfig, arena_off: bool) -> Prepared:
     onnx_path = export_model(ctx, config.model, config.size)
-    artifacts = {variant: compile_variant(ctx, config, variant, onnx_path) for variant in ("ort_exact", "ort_filtered")}
+    ort_variants = [variant for variant in selected_variants(ctx) if variant in ORT_VARIANTS]
+    artifacts = {variant: compile_variant(ctx, config, variant, onnx_path) for variant in ort_variants}
     manifests = {v: json.loads((path / "manifest.json").read_text()) for v, path in artifacts.items()}
-    exact, filtered = manifests["ort_exact"], manifests["ort_filtered"]
-    if exact["plan"]["trainable_params"] != filtered["plan"]["trainable_params"]:
-        raise RuntimeError(f"{config.label}: exact and filtered artifacts train different parameters")
-    if len(filtered["plan"]["filtered"]) != TRAIN_LAYERS:
-        raise RuntimeError(
-            f"{config.label}: expected {TRAIN_LAYERS} filtered convs, got {filtered['plan']['filtered']}"
-        )
+    exact = manifests["ort_exact"]
+    for variant, manifest in manifests.items():
+        # Every ORT variant must train the same tensors and apply what its name says, or ratios mean nothing.
+        plan = manifest["plan"]
+        if plan["trainable_params"] != exact["plan"]["trainable_params"]:
+            raise RuntimeError(f"{config.label}: {variant} trains different parameters than ort_exact")
+        expected_filtered = ORT_VARIANTS[variant]["filter_layers"]
+        if len(plan["filtered"]) != expected_filtered:
+            raise RuntimeError(f"{config.label}: {variant}: expected {expected_filtered} filtered convs, got {plan}")
+        if (plan["row_tiles"] or 0) != ORT_VARIANTS[variant]["row_tiles"]:
+            raise RuntimeError(f"{config.label}: {variant}: expected row_tiles {ORT_VARIANTS[variant]['row_tiles']}")
     return Prepared(
         config=config,
         artifacts=artifacts,
@@ -208,8 +266,10 @@ def prepare(ctx: SuiteContext, config: TrainConfig, arena_off: bool) -> Prepared
         compiler={
             # Other work on gfcompile/ and passes/ changes the artifacts: record which build was measured.
             "fingerprint": _compiler_fingerprint(),
-            "training_passes": filtered["passes"]["training"],
-            "forward_passes": filtered["passes"]["forward"],
+            "training_passes": exact["passes"]["training"],
+            "forward_passes": exact["passes"]["forward"],
+            "session_options": {v: m["session_options"] for v, m in manifests.items()},
+            "patch_size_map": PATCH_SIZE_MAPS.get(config.model, {}),
         },
     )
 
@@ -223,6 +283,7 @@ def run_variants(
         "mode": mode,
         "batch": config.batch,
         "input_shape": [3, config.size, config.size],
+        "label_shape": [config.size, config.size] if config.segmentation else [],
         "num_classes": NUM_CLASSES,
         "threads": ctx.threads,
         "seed": SEED,
@@ -233,8 +294,8 @@ def run_variants(
     }
     env = MEMORY_ENV if mode == "memory" else None
     calls: dict[str, tuple[str, dict[str, Any]]] = {}
-    for variant in VARIANTS:
-        if variant.startswith("ort_"):
+    for variant in selected_variants(ctx):
+        if variant in ORT_VARIANTS:
             folders = prepared.arena_off if mode == "memory" else prepared.artifacts
             task, params = "ort_train", {**common, "artifacts": str(folders[variant])}
         else:
@@ -246,6 +307,10 @@ def run_variants(
                 "trainable_params": prepared.trainable_params,
                 "trained_modules": prepared.trained_modules,
                 "r": PATCH_SIZE,
+                # Module name -> r for layers with their own r (as the compiled plan has them).
+                "module_patch_sizes": {
+                    weight.rsplit(".", 1)[0]: r for weight, r in PATCH_SIZE_MAPS.get(config.model, {}).items()
+                },
             }
         calls[variant] = (task, params)
     results: dict[str, list[dict[str, Any]]] = {variant: [] for variant in calls}
@@ -277,7 +342,8 @@ def _batch(params: dict):
 
     rng = np.random.default_rng(params["seed"])
     x = rng.standard_normal((params["batch"], *params["input_shape"]), dtype=np.float32)
-    y = rng.integers(0, params["num_classes"], size=params["batch"]).astype(np.int64)
+    # Class ids per sample, or per pixel for segmentation (label_shape = [H, W]).
+    y = rng.integers(0, params["num_classes"], size=(params["batch"], *params["label_shape"])).astype(np.int64)
     return x, y
 
 
@@ -310,10 +376,10 @@ def _measure(step: Callable[[], float], params: dict) -> dict[str, Any]:
     step1_s = time.perf_counter() - begin
     peak1 = peak_rss_bytes()
     after1 = current_rss_bytes()
-    step2 = None
+    step2 = loss2 = None
     if reset and reset_peak_rss():
         base2 = peak_rss_bytes()
-        step()
+        loss2 = step()
         step2 = peak_rss_bytes() - base2
     return {
         "hwm_reset": reset,
@@ -327,13 +393,15 @@ def _measure(step: Callable[[], float], params: dict) -> dict[str, Any]:
         "step2_delta_bytes": step2,
         "step1_s": step1_s,
         "loss": loss,
+        # After one update: tells apart variants whose gradients differ (same batch, same weights).
+        "loss2": loss2,
     }
 
 
-def ort_task(params: dict) -> dict[str, Any]:
+def open_trainer(artifacts: Path, threads: int):
+    """`runtime.trainer.Trainer` on `artifacts` with the benchmark's thread count (worker processes only)."""
     import runtime.trainer as trainer_module
 
-    threads = params["threads"]
     compiled_options = trainer_module.session_options
 
     def with_threads(manifest: dict):
@@ -344,7 +412,12 @@ def ort_task(params: dict) -> dict[str, Any]:
         return options
 
     trainer_module.session_options = with_threads
-    trainer = trainer_module.Trainer(Path(params["artifacts"]))
+    return trainer_module.Trainer(Path(artifacts))
+
+
+def ort_task(params: dict) -> dict[str, Any]:
+    threads = params["threads"]
+    trainer = open_trainer(Path(params["artifacts"]), threads)
     x, y = _batch(params)
     result = _measure(lambda: trainer.train_step(x, y), params)
     result["session_options"] = {**trainer.manifest["session_options"], "intra_op_num_threads": threads}
@@ -396,6 +469,8 @@ def torch_task(params: dict) -> dict[str, Any]:
         replaced = replace_last_convs(model, len(params["trained_modules"]), params["r"])
         if replaced != params["trained_modules"]:
             raise RuntimeError(f"torch filters {replaced}, the compiled plan trains {params['trained_modules']}")
+        for name, r in params["module_patch_sizes"].items():
+            model.get_submodule(name).r = r
         extra["filtered_modules"] = replaced
     elif params["variant"] == "checkpoint":
         extra["checkpointed_blocks"] = _checkpoint_blocks(model, params["trained_modules"])

@@ -1,7 +1,9 @@
-"""Smoke test of `python -m benchmarks`: the quick `analytic` and `layers` suites run end to end
-in a subprocess (as CI and users run them) and write JSON with the expected keys and sane numbers.
+"""Smoke test of `python -m benchmarks`: the quick `analytic`, `layers` and `accuracy` suites and one
+quick `memory` configuration with the row-tiling variants run end to end in a subprocess (as CI and
+users run them) and write JSON with the expected keys and sane numbers; the accuracy and memory
+smokes also check that row-tiled training reproduces untiled training.
 
-About 45 s on 2 cores; the `memory` and `step` suites are exercised by `make bench`.
+About 2 minutes on 2 cores; the whole `memory` and `step` suites are exercised by `make bench`.
 """
 
 from __future__ import annotations
@@ -14,9 +16,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def run_suite(suite: str, out: Path) -> dict:
+def run_suite(suite: str, out: Path, *extra: str) -> dict:
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks", suite, "--profile", "quick", "--out", str(out)],
+        [sys.executable, "-m", "benchmarks", suite, "--profile", "quick", "--out", str(out), *extra],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -74,3 +76,58 @@ def test_layers_quick(tmp_path: Path) -> None:
         assert row["floor_s"] > 0
         assert all(fraction > 0 for fraction in row["floor_fraction"].values())
     assert set(data["summary"]["median_speedup"]) == variants
+
+
+def test_accuracy_quick(tmp_path: Path) -> None:
+    data = run_suite("accuracy", tmp_path)
+    steps = data["settings"]["steps"]
+    (group,) = data["groups"]
+    assert group["size"] == 64 and group["variants"] == ["exact", "r2", "tiled", "tiled_r2"]
+    for key in group["variants"]:
+        (run,) = group["runs"][key]
+        assert run["steps"] == steps == len(run["losses"]) and run["test_samples"] == 225
+        # The pretrained head has never predicted 5-9; a few steps of fine-tuning must lower the loss.
+        assert run["test_accuracy_before"] == 0.0 and 0.0 <= run["test_accuracy"] <= 1.0
+        assert run["losses"][-1] < run["losses"][0]
+    compiled = group["compiled"]
+    assert compiled["exact"]["filtered"] == {} and len(compiled["r2"]["filtered"]) == 4
+    for tiled, untiled in (("tiled", "exact"), ("tiled_r2", "r2")):
+        # The comparison is only meaningful if the tiled graph really differs: one conv per band.
+        assert compiled[tiled]["row_tiles"] == 8 and compiled[untiled]["row_tiles"] == 0
+        assert compiled[tiled]["training_conv_nodes"] > compiled[untiled]["training_conv_nodes"]
+        check = group["exactness"][tiled]
+        (seed,) = check["per_seed"]
+        assert seed["accuracy_equal"] and check["accuracy_equal_every_seed"], check
+        assert seed["param_tensors"] == len(compiled[untiled]["trainable_params"])
+        assert check["max_param_diff"] <= 1e-6 and check["max_train_loss_diff"] <= 1e-6, check
+    # Filtering changes the gradient, so the same comparison tells filtered and exact runs apart.
+    assert group["runs"]["r2"][0]["losses"][1:] != group["runs"]["exact"][0]["losses"][1:]
+
+
+def test_memory_quick_row_tiling(tmp_path: Path) -> None:
+    data = run_suite("memory", tmp_path, "--models", "mobilenet_v2", "--variants", "ort_tiled,ort_tiled_filtered")
+    (entry,) = data["entries"]
+    assert entry["config"] == {"model": "mobilenet_v2", "size": 112, "batch": 4}
+    variants = entry["variants"]
+    # The two baselines always run, since every ratio is against them.
+    assert list(variants) == ["torch_exact", "ort_exact", "ort_tiled", "ort_tiled_filtered"]
+    for name, result in variants.items():
+        assert result["hwm_reset"] and result["step1_delta_mib"] > 0, (name, result)
+        for base in ("torch_exact", "ort_exact"):
+            expected = result["step1_delta_mib"] / variants[base]["step1_delta_mib"]
+            assert abs(result[f"step1_vs_{base}"] - expected) < 1e-12
+    options = entry["compiler"]["session_options"]
+    assert options["ort_exact"]["enable_mem_pattern"] and not options["ort_tiled"]["enable_mem_pattern"]
+    runs = {name: result["runs"][0] for name, result in variants.items()}
+    # Same seed, weights and batch: row tiling computes the same forward and gradients, so even the loss
+    # after one AdamW update is the same; filtering changes the gradients, hence that loss.
+    assert runs["ort_tiled"]["loss"] == runs["ort_exact"]["loss"] == runs["ort_tiled_filtered"]["loss"], runs
+    assert runs["ort_tiled"]["loss2"] == runs["ort_exact"]["loss2"] != runs["ort_tiled_filtered"]["loss2"], runs
+    # torch eager builds the same seeded weights and computes the forward independently.
+    assert abs(runs["torch_exact"]["loss"] - runs["ort_exact"]["loss"]) <= 1e-4 * runs["ort_exact"]["loss"]
+    assert data["goal"] == {
+        "config": ["mobilenet_v2", 224, 32],
+        "variant": "ort_tiled_filtered",
+        "max_ratio": 0.3,
+        "measured": False,
+    }
