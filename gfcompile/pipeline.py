@@ -17,6 +17,7 @@ from passes import (
     gradient_filter_fusion,
     row_recompute,
     row_tiling,
+    save_early,
 )
 from passes.base import Plan
 from runtime.trainer import sha256_file
@@ -38,7 +39,7 @@ from .planning import select_layers
 from .summary import format_table, layer_costs, totals
 
 FORWARD_PASSES = (frozen_bn_fold, bn_eval_affine, cleanup, row_tiling)
-TRAINING_PASSES = (gradient_filter, gradient_filter_fusion, activation_mask, row_recompute)
+TRAINING_PASSES = (gradient_filter, gradient_filter_fusion, activation_mask, row_recompute, save_early)
 
 Reporter = Callable[[str], None]
 

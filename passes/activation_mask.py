@@ -26,6 +26,11 @@ STAGE: Stage = "training"
 REQUIRES: tuple[str, ...] = ("ort_gradient_graph",)
 
 
+def mask_name(activation: str) -> str:
+    """Name of the bool mask `activation > 0` that replaces the fp32 `activation` in the backward."""
+    return f"{activation}/relu_mask"
+
+
 def run(graph: gs.Graph, plan: Plan) -> gs.Graph:
     backward = gradient_dependent_nodes(graph)
     zero = gs.Constant("activation_mask/zero", np.zeros((), dtype=np.float32))
@@ -34,10 +39,8 @@ def run(graph: gs.Graph, plan: Plan) -> gs.Graph:
         other_backward_readers = [c for c in activation.outputs if c is not node and id(c) in backward]
         if other_backward_readers:
             continue
-        mask = gs.Variable(f"{activation.name}/relu_mask", dtype=np.bool_, shape=activation.shape)
-        graph.nodes.append(
-            gs.Node("Greater", f"{activation.name}/relu_mask", inputs=[activation, zero], outputs=[mask])
-        )
+        mask = gs.Variable(mask_name(activation.name), dtype=np.bool_, shape=activation.shape)
+        graph.nodes.append(gs.Node("Greater", mask_name(activation.name), inputs=[activation, zero], outputs=[mask]))
         grad_input = node.outputs[0]
         node.outputs.clear()
         node.inputs.clear()

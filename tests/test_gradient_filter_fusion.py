@@ -265,3 +265,49 @@ def test_chain_of_three_fuses_both_pairs(tmp_path: Path, bn_mode: str) -> None:
             compiled.fused, "/conv_c/Conv"
         )
     _assert_same_gradients(compiled)
+
+
+class _PoolingBranch(torch.nn.Module):
+    """ASPP in small: a frozen 1x1 branch and an image-pooling branch (GAP -> conv -> ReLU -> broadcast),
+    concatenated and projected. Only the pooling branch's slice of the projection's input gradient is
+    used, and only summed over space (the Expand gradient)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 6, 3, padding=1)
+        self.branch = torch.nn.Conv2d(6, 5, 1)
+        self.pool_conv = torch.nn.Conv2d(6, 4, 1)
+        self.project = torch.nn.Conv2d(9, 7, 1, bias=False)
+        self.head = torch.nn.Linear(7 * 7 * 7, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        branch = torch.relu(self.branch(x))
+        # After the 1x1 branch, so that the last two convs are the projection and this one.
+        pooled = torch.relu(self.pool_conv(torch.nn.functional.adaptive_avg_pool2d(x, 1)))
+        branches = torch.cat([branch, pooled.expand(-1, -1, 7, 7)], dim=1)
+        return self.head(torch.relu(self.project(branches)).flatten(1))
+
+
+def test_split_of_upsampled_gradient_is_summed_at_patch_resolution(tmp_path: Path) -> None:
+    from models.export import export_onnx  # imports torch: only after zoo_helpers' importorskip
+
+    torch.manual_seed(0)
+    onnx_path = export_onnx(_PoolingBranch().eval(), tmp_path / "aspp.onnx", input_shape=(1, 3, 7, 7))
+    # 7x7 with r=2: 4x4 patches, the last row and column of blocks hang over the border (counts 2, 1).
+    config = CompileConfig(filter_layers=2, batch_size=3, patch_size_map={"pool_conv.weight": 1, "project.weight": 2})
+    rng = np.random.default_rng(5)
+    batch = (rng.standard_normal((3, 3, 7, 7)).astype(np.float32), rng.integers(0, 10, size=3).astype(np.int64))
+    compiled = _compile(onnx_path, tmp_path, config, batch)
+    onnx.checker.check_model(compiled.fused, full_check=True)
+    project = next(layer for layer in compiled.plan.convs if layer.weight == "project.weight")
+    assert set(compiled.plan.filtered) == {project.node, "/pool_conv/Conv"}
+
+    split_ops = ("Split", "SplitTraining")
+    assert any(n.op_type in split_ops for n in compiled.filtered.graph.node)
+    assert not any(n.op_type in split_ops for n in compiled.fused.graph.node)
+    assert _upsample_nodes(compiled.filtered, project.node) and not _upsample_nodes(compiled.fused, project.node)
+    # ORT's gradient of the pooling branch's slice (the Expand's output gradient) is never materialised.
+    assert not [name for name in _full_resolution_outputs(compiled.fused, (3, 4, 7, 7)) if name.endswith("_grad")]
+    assert [name for name in _full_resolution_outputs(compiled.filtered, (3, 4, 7, 7)) if name.endswith("_grad")]
+    _assert_same_gradients(compiled)
