@@ -13,6 +13,10 @@ row-centric too:
   wait for the band's incoming gradient and for the complete backward of the band after it,
   so any topological order, ORT's default reverse DFS included, recomputes and
   back-propagates one band at a time, last band first.
+  2PS bands: a band's copy starts from the rows the previous band handed over in the
+  forward (its `carry` Slices are not copied), so those small tensors stay alive until the
+  backward and the recomputed rows equal the forward's. The gradient of a handed-over row
+  reaches band j from band j+1's backward, which already runs first.
 * Weight gradients. ORT sums the per-band gradients of a shared weight with one `Sum`
   node, which keeps all K partial gradients alive until the last band is done; it becomes
   a chain of Adds in band order, so each partial gradient dies once added.
@@ -20,6 +24,7 @@ row-centric too:
   zero-padded copy of the entry) and sums the K of them: K full-size tensors. Instead, the
   band gradients are sliced into the row segments between band borders, the overlapping
   (halo) segments are added, and the segments are concatenated: one full-size tensor.
+  (2PS entry Slices start at a constant concatenated with an empty ordering edge.)
 * MaxPool indices. ORT's gradient builder gives every MaxPool an indices output (int64,
   twice the bytes of the pooled tensor) and ORT keeps an output nobody reads until the end
   of the step; for a VGG-16 at batch 8 that is 95 MiB of frozen-layer indices, more than
@@ -85,6 +90,12 @@ def run(graph: gs.Graph, plan: Plan) -> gs.Graph:
     if graph.opset < 13:
         raise ValueError(f"row recompute needs opset >= 13 (Slice/Concat with tensor inputs), got {graph.opset}")
     for chain, bands in tiled_bands(graph).items():
+        nodes = [node for band in bands.values() for node in (*band.forward, *band.backward)]
+        if any(node.name.endswith(_SUFFIX) for node in nodes):
+            # Already rewritten (the pass ran before): copying the copies would give clones
+            # without ordering edges that ORT's common-subexpression elimination merges back
+            # into the forward originals, which then stay alive until the backward.
+            continue
         if any(band.backward for band in bands.values()):
             _recompute_chain(graph, chain, bands)
     dropped = drop_unread_pool_indices(graph)
@@ -130,6 +141,12 @@ def _recompute_chain(graph: gs.Graph, chain: str, bands: dict[int, _Band]) -> No
     # First: the band gradients of the entry then leave each band through the assembly, which
     # the data edges below can wait for (ORT's per-band SliceGrads go away).
     _assemble_entry_gradient(graph, em, chain, bands)
+    # Before the edges: band j-1 must wait for the running sum that includes band j's partial
+    # weight gradients, not only for the partials themselves. Otherwise ORT's reverse DFS may
+    # enter band 0's backward (which, by the edges, needs every later band) before any Add,
+    # run all the Adds at the very end, and keep K partial gradients of every weight alive
+    # (VGG-16 at 480x480, K = 15: about 450 MiB more than the bands themselves).
+    running = _accumulate_in_band_order(graph, bands)
     order = sorted(bands, reverse=True)  # the backward runs the last band first
     finished: list[gs.Tensor] = []  # gradients the previous band's backward hands out
     for j in order:
@@ -142,8 +159,7 @@ def _recompute_chain(graph: gs.Graph, chain: str, bands: dict[int, _Band]) -> No
         _order_after(em, band, copies, incoming + finished, j)
         for node in band.backward:
             node.inputs = [copies.get(t.name, t) if t is not None else t for t in node.inputs]
-        finished = _outgoing(band)
-    _accumulate_in_band_order(graph, bands)
+        finished = [running.get(t.name, t) for t in _outgoing(band)]
 
 
 def _clone_forward(graph: gs.Graph, band: _Band) -> dict[str, gs.Variable]:
@@ -244,8 +260,12 @@ def _band_of(tensor: gs.Tensor) -> int | None:
     return int(match["band"]) if match else None
 
 
-def _accumulate_in_band_order(graph: gs.Graph, bands: dict[int, _Band]) -> None:
-    """Replace ORT's Sum of per-band gradients by Adds in backward (descending band) order."""
+def _accumulate_in_band_order(graph: gs.Graph, bands: dict[int, _Band]) -> dict[str, gs.Variable]:
+    """Replace ORT's Sum of per-band gradients by Adds in backward (descending band) order.
+
+    Returns, for every term but the first of each sum, the running sum that adds it.
+    """
+    running: dict[str, gs.Variable] = {}
     produced = {id(node) for band in bands.values() for node in band.backward}
     for node in list(graph.nodes):
         if node.op != "Sum" or len(node.inputs) < 2:
@@ -261,7 +281,25 @@ def _accumulate_in_band_order(graph: gs.Graph, bands: dict[int, _Band]) -> None:
             last = index == len(terms) - 1
             result = out if last else gs.Variable(f"{out.name}/partial{index}", dtype=out.dtype, shape=out.shape)
             graph.nodes.append(gs.Node(op="Add", name=f"{out.name}/add{index}", inputs=[total, term], outputs=[result]))
+            running[term.name] = result
             total = result
+    return running
+
+
+def _leading_constant(starts: gs.Tensor) -> int | None:
+    """The start row of a band's entry Slice: a constant, or (2PS bands after the first) a constant
+    concatenated with the empty ordering edge of row_tiling._entry_rows; None otherwise."""
+    if isinstance(starts, gs.Constant):
+        return int(starts.values.reshape(-1)[0]) if starts.values.size == 1 else None
+    # ORT's gradient builder turns a Concat into ConcatTraining (same first output).
+    if len(starts.inputs) != 1 or starts.inputs[0].op not in ("Concat", "ConcatTraining"):
+        return None
+    first, *edges = starts.inputs[0].inputs
+    if not isinstance(first, gs.Constant) or first.values.size != 1:
+        return None
+    if any(edge.shape is None or list(edge.shape) != [0] for edge in edges):
+        return None
+    return int(first.values.reshape(-1)[0])
 
 
 def _assemble_entry_gradient(graph: gs.Graph, em: _Emitter, chain: str, bands: dict[int, _Band]) -> None:
@@ -274,9 +312,10 @@ def _assemble_entry_gradient(graph: gs.Graph, em: _Emitter, chain: str, bands: d
         if node is None:
             continue
         starts, ends, axes = node.inputs[2:5]
-        if not all(isinstance(t, gs.Constant) for t in (starts, ends, axes)) or list(axes.values) != [2]:
+        start = _leading_constant(starts)
+        if start is None or not all(isinstance(t, gs.Constant) for t in (ends, axes)) or list(axes.values) != [2]:
             return
-        grads.append((int(starts.values[0]), int(ends.values[0]), node, j))
+        grads.append((start, int(ends.values[0]), node, j))
     if not grads:
         return
     full = grads[0][2].outputs[0]

@@ -600,10 +600,17 @@ def test_tiled_frozen_forward_really_uses_less_memory(tmp_path: Path) -> None:
     ("name", "tiles", "strategy", "train_layers"),
     [
         ("vgg16_style", 4, "overl", 8),  # every conv trains; the second chain's entry needs a gradient
-        ("vgg16_style", 8, "2ps", 5),  # 2PS for frozen chains, OverL for trainable ones
+        ("vgg16_style", 2, "2ps", 8),
+        ("vgg16_style", 4, "2ps", 8),
+        ("vgg16_style", 8, "2ps", 5),  # frozen and trainable 2PS chains
         ("resnet18_96", 4, "overl", 20),  # residual adds and a stride-2 block inside trainable chains
+        ("resnet18_96", 8, "2ps", 20),
+        ("resnet18", 2, "2ps", 20),
         ("odd_97", 4, "overl", 5),  # ceil-mode pool, padded average pool, grouped conv
+        ("odd_97", 4, "2ps", 5),
+        ("odd_225", 8, "2ps", 5),
         ("dilated", 2, "overl", 5),
+        ("dilated", 4, "2ps", 5),
     ],
 )
 def test_trainable_tiling_with_recompute_is_exact(
@@ -629,6 +636,10 @@ def test_trainable_tiling_with_recompute_is_exact(
             originals = {t.name for node in band.forward if "/recompute" not in node.name for t in node.outputs}
             # Gradient nodes read only the recomputed copies; the originals die in the forward.
             assert not [n.name for n in band.backward if {t.name for t in n.inputs if t is not None} & originals]
+    if strategy == "2ps":
+        # Trainable chains use 2PS too (no silent OverL fallback): bands hand rows over.
+        for chain in trainable_chains:
+            assert any("/carry" in n.name for band in chains[chain].values() for n in band.forward), chain
     # The entry gradient is assembled from band rows: no per-band, full-size SliceGrad of the entry.
     assert not [n.name for n in graph.nodes if n.op == "SliceGrad" and re.search(r"/band\d+/entry_Grad", n.name)]
     for node in graph.nodes:
@@ -636,8 +647,41 @@ def test_trainable_tiling_with_recompute_is_exact(
             assert node.outputs[1].outputs, f"{node.name} keeps an indices output nobody reads"
 
 
-def test_recompute_runs_band_by_band_in_the_backward(exported: dict[str, Path], tmp_path: Path) -> None:
-    tiled, plan, config = _forward(exported["vgg16_style"], 4, "overl", 8, trainable=True)
+@pytest.mark.parametrize("strategy", ["overl", "2ps"])
+@pytest.mark.parametrize(("name", "tiles"), [("vgg16_style", 4), ("mobilenet_v2", 2), ("resnet18_96", 8)])
+def test_every_trainable_chain_tiled_is_exact(
+    exported: dict[str, Path], tmp_path: Path, name: str, tiles: int, strategy: str
+) -> None:
+    # Every conv trains and every shortest tileable chain is tiled (not only those select_chains
+    # picks), so chains start inside the net and their entries need a gradient.
+    _, plan, _ = _forward(exported[name], 0)
+    convs = len(plan.convs)
+    base, plan, config = _forward(exported[name], 0, train_layers=convs, trainable=True)
+    graph = gs.import_onnx(base)
+    chains = row_tiling.candidate_chains(graph, plan, tiles)
+    assert sum(chain.trainable for chain in chains) >= 2
+    for chain in chains:
+        row_tiling.tile_chain(graph, chain, tiles, strategy)
+    tiled = gs.export_onnx(graph.cleanup().toposort())
+    x, y = _input(base), np.array([4, 0], dtype=np.int64)
+    loss, _, grads, _ = _loss_and_gradients(base, plan, config, tmp_path / "base", x, y)
+    t_loss, _, t_grads, train = _loss_and_gradients(tiled, plan, config, tmp_path / "tiled", x, y)
+    assert abs(t_loss - loss) <= 1e-5 * max(1.0, abs(loss))
+    for key, expected in grads.items():
+        assert relative_error(t_grads[key], expected) <= 1e-5, key
+    names = [node.name for node in train.training.graph.node]
+    # Entry gradients are assembled once per chain, never as K full-size SliceGrads (a chain
+    # whose first band reads the whole entry, as 2PS does in a short 4-row chain, keeps one).
+    assert any(name.endswith("/backward/entry_grad") for name in names)
+    per_chain: dict[str, int] = {}
+    for match in filter(None, (re.match(r"^rowtile/(.+?)/band\d+/entry_Grad/SliceGrad", n) for n in names)):
+        per_chain[match.group(1)] = per_chain.get(match.group(1), 0) + 1
+    assert all(count == 1 for count in per_chain.values()), per_chain
+
+
+@pytest.mark.parametrize("strategy", ["overl", "2ps"])
+def test_recompute_runs_band_by_band_in_the_backward(exported: dict[str, Path], tmp_path: Path, strategy: str) -> None:
+    tiled, plan, config = _forward(exported["vgg16_style"], 4, strategy, 8, trainable=True)
     train = build_backward(tiled, plan, config, tmp_path)
     training = run_passes((row_recompute,), train.training, plan, stage="training")
     onnx.save(training, str(tmp_path / "training_model.onnx"))
@@ -670,6 +714,19 @@ def test_recompute_runs_band_by_band_in_the_backward(exported: dict[str, Path], 
     first_grad = next(i for i, name in enumerate(ran) if "_Grad/" in name or "Grad_" in name)
     first_recompute = next(i for i, name in enumerate(ran) if "/recompute" in name)
     assert first_recompute > first_grad  # recomputation happens in the backward, not in the forward
+    # Partial weight gradients are added as their band finishes: add i (which adds band 3 - i's
+    # gradient, K = 4) runs before band 2 - i is recomputed, so K partials never pile up.
+    entries = [
+        (i, int(m.group(1))) for i, name in enumerate(ran) if (m := re.search(r"/band(\d+)/entry/recompute", name))
+    ]
+    # (Parameter gradients only: a band's own activation-gradient sums are named after the band.)
+    params = [(i, name) for i, name in enumerate(ran) if not name.startswith("rowtile/")]
+    adds = [(i, int(m.group(1))) for i, name in params if (m := re.search(r"_grad/add(\d+)_kernel", name))]
+    assert adds
+    for position, index in adds:
+        if index < 3:
+            following = next((band for i, band in entries if i > position), None)
+            assert following == 2 - index, (ran[position], following)
 
 
 _MEASURE_TRAINING = textwrap.dedent(
@@ -706,7 +763,8 @@ _MEASURE_TRAINING = textwrap.dedent(
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc peak-RSS reset")
-def test_trainable_tiling_really_uses_less_memory(tmp_path: Path) -> None:
+@pytest.mark.parametrize("strategy", ["overl", "2ps"])
+def test_trainable_tiling_really_uses_less_memory(tmp_path: Path, strategy: str) -> None:
     # Every conv trains: untiled, the backward keeps all four 32 x 256 x 256 activations.
     model = nn.Sequential(
         nn.Conv2d(3, 32, 3, padding=1),
@@ -723,7 +781,7 @@ def test_trainable_tiling_really_uses_less_memory(tmp_path: Path) -> None:
     path = export_onnx(model, tmp_path / "chain.onnx", input_shape=(1, 3, 256, 256))
     peaks = {}
     for tiles in (0, 8):
-        forward, plan, config = _forward(path, tiles, "overl", train_layers=4, batch=1, trainable=True)
+        forward, plan, config = _forward(path, tiles, strategy, train_layers=4, batch=1, trainable=True)
         out = tmp_path / f"art{tiles}"
         train = build_backward(forward, plan, config, out)
         onnx.save(
@@ -739,6 +797,24 @@ def test_trainable_tiling_really_uses_less_memory(tmp_path: Path) -> None:
         )
         peaks[tiles] = int(done.stdout.strip().splitlines()[-1])
     assert peaks[8] < 0.5 * peaks[0], peaks
+
+
+@pytest.mark.parametrize("strategy", ["overl", "2ps"])
+def test_both_passes_are_idempotent(exported: dict[str, Path], tmp_path: Path, strategy: str) -> None:
+    # A second run must not tile the bands again (nested rowtile/rowtile/... bands) nor copy the
+    # copies: ORT's common-subexpression elimination would merge such copies, which carry no
+    # ordering edge, back into the forward originals and keep every band alive until the backward.
+    tiled, plan, config = _forward(exported["vgg16_style"], 4, strategy, 8, trainable=True)
+    again = run_passes((row_tiling,), tiled, plan, stage="forward")
+    names = {n.name for n in again.graph.node}
+    # (It may tile a chain the first run left alone: the peak it had to stay under is lower now.)
+    assert {n.name for n in tiled.graph.node if n.name.startswith("rowtile/")} <= names
+    assert not [name for name in names if name.startswith("rowtile/rowtile/")]
+    train = build_backward(tiled, plan, config, tmp_path)
+    once = run_passes((row_recompute,), train.training, plan, stage="training")
+    twice = run_passes((row_recompute,), once, plan, stage="training")
+    assert sorted(n.name for n in twice.graph.node) == sorted(n.name for n in once.graph.node)
+    assert not [n.name for n in twice.graph.node if n.name.endswith("/recompute/recompute")]
 
 
 def test_recompute_composes_with_gradient_filter_and_relu_masks(exported: dict[str, Path], tmp_path: Path) -> None:
