@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import sys
+from collections.abc import Iterator, Sequence
 from types import ModuleType
 
 import onnx
@@ -22,13 +24,26 @@ def run_passes(passes: Sequence[ModuleType], model: onnx.ModelProto, plan: Plan,
         if stage != module.STAGE:
             raise GfError(f"internal: pass {pass_name(module)} is a {module.STAGE} pass, run in the {stage} stage")
         _check_requirements(module, model)
-        try:
-            graph = module.run(gs.import_onnx(model), plan)
-        except ValueError as exc:  # passes refuse configurations they cannot rewrite with ValueError
-            raise GfError(f"{pass_name(module)}: {exc}") from None
-        graph.cleanup().toposort()
+        with _recursion_for(model):
+            try:
+                graph = module.run(gs.import_onnx(model), plan)
+            except ValueError as exc:  # passes refuse configurations they cannot rewrite with ValueError
+                raise GfError(f"{pass_name(module)}: {exc}") from None
+            graph.cleanup().toposort()
         model = _export_like(graph, model)
     return model
+
+
+@contextlib.contextmanager
+def _recursion_for(model: onnx.ModelProto) -> Iterator[None]:
+    """onnx-graphsurgeon's toposort recurses once per graph level: deep row-tiled training graphs
+    (VGG-16 with 32 bands) exceed Python's default limit of 1000 frames."""
+    previous = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(previous, 4 * len(model.graph.node) + 1000))
+    try:
+        yield
+    finally:
+        sys.setrecursionlimit(previous)
 
 
 def _export_like(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
