@@ -986,6 +986,15 @@ def tile_chain(graph: gs.Graph, chain: Chain, bands: int, strategy: Strategy) ->
     entry_band = _Band(chain.entry, 0, chain.geometry.heights[0])
     pieces: list[gs.Tensor] = []
     if strategy == "overl":
+        read = [0, *(node.output for node in chain.geometry.nodes)]
+        empty = [j for j in range(bands) if any(plan.held[j].get(t) is None for t in read)]
+        if empty:
+            # A conv padding beyond its kernel's reach (e.g. 1x1 with pad 1) makes whole output rows
+            # pure padding, so a band made only of them reads no input rows at all.
+            raise ValueError(
+                f"chain {chain.name!r}: band {empty[0]} of {bands} would read no input rows (a conv pads "
+                "beyond what its kernel reads); use fewer --row-tiles"
+            )
         for j in range(bands):
             tag = f"band{j}"
             x_rows = plan.held[j][0]

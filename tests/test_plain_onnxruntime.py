@@ -43,9 +43,13 @@ import numpy as np, onnxruntime as ort
 session = ort.InferenceSession({str(exported)!r}, providers=["CPUExecutionProvider"])
 (out,) = session.run(None, {{"input": np.load({str(tmp_path / "x.npy")!r})}})
 np.save({str(tmp_path / "plain.npy")!r}, out)
-print(ort.__version__)
+import importlib.util, os
+print(os.path.realpath(ort.__file__))
+print(importlib.util.find_spec("onnxruntime.training") is None)
 """
     result = subprocess.run([str(python), "-c", script], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.strip() != ort.__version__  # a different (plain) build really ran it
+    module_file, no_training = result.stdout.split()
+    # The plain build in the throwaway venv ran it, not the training build of the project's venv.
+    assert Path(module_file).is_relative_to(env_dir.resolve()) and no_training == "True", result.stdout
     np.testing.assert_allclose(np.load(tmp_path / "plain.npy"), reference, rtol=1e-4, atol=1e-5)

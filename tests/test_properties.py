@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnxruntime as ort
-from hypothesis import HealthCheck, assume, event, given, settings
+from hypothesis import HealthCheck, assume, event, example, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
@@ -137,6 +137,15 @@ def _run(model: onnx.ModelProto, plan, x: np.ndarray) -> np.ndarray:
     return session.run(None, {"x": x})[0]
 
 
+# Found by this test: a 1x1 conv with pad 1 makes whole output rows pure padding, so a band of them
+# read no input rows (the tiler crashed on an assertion).
+_PAD_ONLY_ROWS = [
+    ConvSpec(out_channels=2, kernel=1, stride=1, pad=1, dilation=1, relu=False),
+    ConvSpec(out_channels=2, kernel=1, stride=2, pad=0, dilation=1, relu=False),
+    ConvSpec(out_channels=2, kernel=1, stride=1, pad=0, dilation=1, relu=False),
+]
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
 @given(
     convs=st.lists(_conv_specs, min_size=3, max_size=5),
@@ -145,6 +154,8 @@ def _run(model: onnx.ModelProto, plan, x: np.ndarray) -> np.ndarray:
     tiles=st.integers(2, 6),
     strategy=st.sampled_from(["overl", "2ps"]),
 )
+@example(convs=_PAD_ONLY_ROWS, height=16, width=5, tiles=5, strategy="overl")
+@example(convs=_PAD_ONLY_ROWS, height=16, width=5, tiles=5, strategy="2ps")
 def test_row_tiling_matches_untiled_or_refuses(convs, height, width, tiles, strategy):
     size = (height, width)
     for spec in convs:
