@@ -6,6 +6,7 @@ throw-away venv with the plain `onnxruntime` from the package index and runs the
 
 from __future__ import annotations
 
+import os
 import subprocess
 import venv
 from pathlib import Path
@@ -34,8 +35,15 @@ def test_trained_model_exports_to_plain_onnxruntime(tmp_path: Path) -> None:
     env_dir = tmp_path / "plain"
     venv.EnvBuilder(with_pip=True).create(env_dir)
     python = env_dir / "bin" / "python"
+    # Isolated (-I, no PYTHON* variables): in a full `make test` run the throwaway venv imported the
+    # project venv's training build (something earlier in the session leaves the environment pointing
+    # there; not pinned down), which would make this test vacuous.
+    clean_env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON") and k != "VIRTUAL_ENV"}
     install = subprocess.run(
-        [str(python), "-m", "pip", "install", "--quiet", "onnxruntime", "numpy"], capture_output=True, text=True
+        [str(python), "-I", "-m", "pip", "install", "--quiet", "onnxruntime", "numpy"],
+        capture_output=True,
+        text=True,
+        env=clean_env,
     )
     assert install.returncode == 0, install.stderr[-2000:]
     script = f"""
@@ -47,7 +55,7 @@ import importlib.util, os
 print(os.path.realpath(ort.__file__))
 print(importlib.util.find_spec("onnxruntime.training") is None)
 """
-    result = subprocess.run([str(python), "-c", script], capture_output=True, text=True)
+    result = subprocess.run([str(python), "-I", "-c", script], capture_output=True, text=True, env=clean_env)
     assert result.returncode == 0, result.stderr[-2000:]
     module_file, no_training = result.stdout.split()
     # The plain build in the throwaway venv ran it, not the training build of the project's venv.
