@@ -1301,6 +1301,12 @@ def peak_by_tiles(graph: gs.Graph, plan: Plan, tiles: Iterable[int], strategy: s
     return {k: estimate_peak_bytes(_tiled_copy(graph, plan, k, strategy), plan) for k in tiles}
 
 
+def _mib(size_bytes: float) -> str:
+    """MiB for messages; budgets of tiny test models are fractions of a MiB."""
+    mib = size_bytes / MIB
+    return f"{mib:.1f}" if mib >= 1 else f"{mib:.2g}"
+
+
 def smallest_feasible_tiles(peaks: dict[int, int], budget_bytes: float) -> int:
     """The smallest K whose estimated peak fits `budget_bytes` (0: no tiling needed); ValueError if none."""
     fitting = sorted(k for k, peak in peaks.items() if peak <= budget_bytes)
@@ -1308,8 +1314,8 @@ def smallest_feasible_tiles(peaks: dict[int, int], budget_bytes: float) -> int:
         return 0 if fitting[0] <= 1 else fitting[0]
     best = min(peaks, key=lambda k: (peaks[k], k))
     raise ValueError(
-        f"a memory budget of {budget_bytes / MIB:.1f} MiB cannot be met: the smallest estimated peak is "
-        f"{peaks[best] / MIB:.1f} MiB (at --row-tiles {best}); use --memory-budget {math.ceil(peaks[best] / MIB)} "
+        f"a memory budget of {_mib(budget_bytes)} MiB cannot be met: the smallest estimated peak is "
+        f"{_mib(peaks[best])} MiB (at --row-tiles {best}); use --memory-budget {math.ceil(peaks[best] / MIB)} "
         "or more, or train fewer layers"
     )
 
@@ -1334,7 +1340,7 @@ def tiles_for_budget(
     limit = max_row_tiles(graph, plan)
     if limit < 2:
         raise ValueError(
-            f"a memory budget of {budget_mb} MiB cannot be met: the estimated peak is {peaks[0] / MIB:.1f} MiB "
+            f"a memory budget of {budget_mb} MiB cannot be met: the estimated peak is {_mib(peaks[0])} MiB "
             "and the frozen layers have no conv chain that row tiling can split"
         )
     k = 2
