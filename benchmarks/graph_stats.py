@@ -11,9 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-# ORT names every gradient tensor "<tensor>_grad"; forward tensors never end that way.
-GRADIENT_SUFFIX = "_grad"
-
 
 def saved_for_backward(training_model: Path, min_bytes: int = 0) -> dict[str, Any]:
     """Forward tensors read by backward nodes, with static shapes, bytes and readers (largest first).
@@ -25,6 +22,8 @@ def saved_for_backward(training_model: Path, min_bytes: int = 0) -> dict[str, An
     import onnx
     from onnx import helper, shape_inference
 
+    from gfcompile.inspection import backward_nodes
+
     model = onnx.load(str(training_model), load_external_data=False)
     # ORT's contrib ops are unknown to onnx's inference; the forward part (standard ops) is typed.
     inferred = shape_inference.infer_shapes(model, check_type=False, strict_mode=False)
@@ -32,28 +31,12 @@ def saved_for_backward(training_model: Path, min_bytes: int = 0) -> dict[str, An
     types = {v.name: v.type.tensor_type for v in [*graph.input, *graph.value_info, *graph.output]}
     constants = {init.name for init in graph.initializer} | {v.name for v in graph.input}
 
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    backward: set[int] = set()
-    frontier = [name for node in graph.node for name in node.output if name.endswith(GRADIENT_SUFFIX)]
-    seen: set[str] = set()
-    while frontier:
-        name = frontier.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        for node in consumers.get(name, []):
-            if id(node) not in backward:
-                backward.add(id(node))
-                frontier.extend(node.output)
-    produced_by_backward = {name for node in graph.node if id(node) in backward for name in node.output}
+    backward = sorted(backward_nodes(graph))
+    produced_by_backward = {name for index in backward for name in graph.node[index].output}
 
     saved: dict[str, dict[str, Any]] = {}
-    for node in graph.node:
-        if id(node) not in backward:
-            continue
+    for index in backward:
+        node = graph.node[index]
         for name in node.input:
             if not name or name in constants or name in produced_by_backward:
                 continue
