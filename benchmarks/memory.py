@@ -56,13 +56,7 @@ def run(ctx: SuiteContext) -> SuiteResult:
             f"memory: {config.label}: " + ", ".join(f"{v} {r['step1_delta_mib']:.1f} MiB" for v, r in variants.items())
         )
     data = {
-        "settings": training.settings_json(settings),
-        "threads": ctx.threads,
-        "repeat": ctx.repeat,
-        "num_classes": training.NUM_CLASSES,
-        "train_layers": training.TRAIN_LAYERS,
-        "patch_size": training.PATCH_SIZE,
-        "row_tiles": training.ROW_TILES,
+        **training.suite_header(settings, ctx.threads, ctx.repeat),
         "malloc_env": training.MEMORY_ENV,
         "entries": entries,
     }

@@ -31,16 +31,7 @@ def run(ctx: SuiteContext) -> SuiteResult:
             {"config": asdict(config), "label": config.label, "compiler": prepared.compiler, "variants": variants}
         )
         ctx.log(f"step: {config.label}: " + ", ".join(f"{v} {r['median_s'] * 1e3:.0f} ms" for v, r in variants.items()))
-    data = {
-        "settings": training.settings_json(settings),
-        "threads": ctx.threads,
-        "repeat": ctx.repeat,
-        "num_classes": training.NUM_CLASSES,
-        "train_layers": training.TRAIN_LAYERS,
-        "patch_size": training.PATCH_SIZE,
-        "row_tiles": training.ROW_TILES,
-        "entries": entries,
-    }
+    data = {**training.suite_header(settings, ctx.threads, ctx.repeat), "entries": entries}
     return SuiteResult(data=data, markdown=_markdown(data), plot=lambda path: _plot(data, path))
 
 

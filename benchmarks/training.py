@@ -325,6 +325,19 @@ def settings_json(settings: TrainSettings) -> dict[str, Any]:
     return asdict(settings)
 
 
+def suite_header(settings: TrainSettings, threads: int, repeat: int) -> dict[str, Any]:
+    """The settings every training-step suite (memory, step) records beside its entries."""
+    return {
+        "settings": settings_json(settings),
+        "threads": threads,
+        "repeat": repeat,
+        "num_classes": NUM_CLASSES,
+        "train_layers": TRAIN_LAYERS,
+        "patch_size": PATCH_SIZE,
+        "row_tiles": ROW_TILES,
+    }
+
+
 def compiler_note(entries: list[dict[str, Any]]) -> str:
     """One line naming the passes (and source fingerprints) of the artifacts that were measured."""
     builds = {(tuple(e["compiler"]["training_passes"]), e["compiler"]["fingerprint"]) for e in entries}

@@ -562,10 +562,9 @@ _MEASURE = textwrap.dedent(
 )
 
 
-@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc peak-RSS reset")
-def test_tiled_frozen_forward_really_uses_less_memory(tmp_path: Path) -> None:
-    # A 32-channel chain at 384x384 ending in a 4x4 pool: 18 MiB per intermediate untiled.
-    model = nn.Sequential(
+def _pooled_chain() -> nn.Module:
+    """Three 32-channel 3x3 convs ending in a 4x4 max-pool: the memory tests' chain."""
+    return nn.Sequential(
         nn.Conv2d(3, 32, 3, padding=1),
         nn.ReLU(),
         nn.Conv2d(32, 32, 3, padding=1),
@@ -575,6 +574,12 @@ def test_tiled_frozen_forward_really_uses_less_memory(tmp_path: Path) -> None:
         nn.MaxPool2d(4),
         _Head(32),
     ).eval()
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc peak-RSS reset")
+def test_tiled_frozen_forward_really_uses_less_memory(tmp_path: Path) -> None:
+    # A 32-channel chain at 384x384 ending in a 4x4 pool: 18 MiB per intermediate untiled.
+    model = _pooled_chain()
     from models.export import export_onnx
 
     path = export_onnx(model, tmp_path / "chain.onnx", input_shape=(1, 3, 384, 384))
@@ -766,16 +771,7 @@ _MEASURE_TRAINING = textwrap.dedent(
 @pytest.mark.parametrize("strategy", ["overl", "2ps"])
 def test_trainable_tiling_really_uses_less_memory(tmp_path: Path, strategy: str) -> None:
     # Every conv trains: untiled, the backward keeps all four 32 x 256 x 256 activations.
-    model = nn.Sequential(
-        nn.Conv2d(3, 32, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(32, 32, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(32, 32, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(4),
-        _Head(32),
-    ).eval()
+    model = _pooled_chain()
     from models.export import export_onnx
 
     path = export_onnx(model, tmp_path / "chain.onnx", input_shape=(1, 3, 256, 256))
