@@ -711,6 +711,11 @@ def _mixed_input_grad(
         mixed = em.reshape("gx_mix_4d", mixed, (group, cin_g, n, patches))
         mixed = em.op("Transpose", "gx_mix_t", [mixed], (n, group, cin_g, patches), {"perm": [2, 0, 1, 3]})
         return em.reshape("gx_hat", mixed, out4)
+    # Per-sample GEMMs. ORT would fold the Transpose into them as transA, which MLAS then
+    # redoes for every sample (1.3x slower at 128x120x160 r=4, 1.25x at 256x60x80); a
+    # Reshape in between keeps W~^T materialised once (the fusion matches only a Transpose
+    # that feeds the MatMul directly).
+    w_sum_t = em.reshape("w_sum_t_4d", w_sum_t, (1, group, cin_g, cout_g))
     flat = em.reshape("gx_g", g_hat, (n, group, cout_g, patches))
     mixed = em.op("MatMul", "gx_mix", [w_sum_t, flat], (n, group, cin_g, patches))
     return em.reshape("gx_hat", mixed, out4)
