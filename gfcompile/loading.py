@@ -200,11 +200,14 @@ def pin_shapes(model: onnx.ModelProto, config: CompileConfig) -> onnx.ModelProto
     if not data_inputs:
         raise GfError("the model has no data input")
     symbol_values: dict[str, int] = {}
+    rebatched: list[str] = []
     for value in data_inputs:
         if not value.type.HasField("tensor_type"):
             raise GfError(f"input {value.name!r} is not a tensor; gfcompile compiles CNNs with tensor inputs")
         dims = value.type.tensor_type.shape.dim
         wanted = _wanted_dims(value.name, dims, config)
+        if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0 and dims[0].dim_value != wanted[0]:
+            rebatched.append(f"input {value.name!r} was exported with a fixed batch of {dims[0].dim_value}")
         for dim, size in zip(dims, wanted, strict=True):
             if dim.HasField("dim_param"):
                 symbol_values[dim.dim_param] = size
@@ -223,7 +226,15 @@ def pin_shapes(model: onnx.ModelProto, config: CompileConfig) -> onnx.ModelProto
     try:
         inferred = shape_inference.infer_shapes(pinned, check_type=True, strict_mode=True, data_prop=True)
     except Exception as exc:
-        raise GfError(f"shape inference failed with the pinned input shapes: {one_line(exc)}") from None
+        hint = ""
+        if rebatched:
+            # Exporters bake a fixed batch into Reshape/Gemm shapes, so only re-exporting helps.
+            hint = (
+                f"; {', '.join(rebatched)} and --batch-size asks for {config.batch_size}: re-export it with a "
+                "dynamic batch axis (torch.onnx.export(..., dynamic_axes={'<input>': {0: 'batch'}})) "
+                "or compile with that batch size"
+            )
+        raise GfError(f"shape inference failed with the pinned input shapes: {one_line(exc)}{hint}") from None
     missing = _untyped_outputs(inferred)
     if missing:
         _measure_shapes(inferred, missing)

@@ -117,6 +117,7 @@ def env(tmp_path_factory) -> dict:
     for axis in (2, 3):
         dynamic.graph.input[0].type.tensor_type.shape.dim[axis].dim_param = "side"
     e["dynamic"] = save(dynamic, tmp / "dynamic.onnx")
+    e["batch1"] = save(tiny_cnn(batch=1), tmp / "batch1.onnx")
     for kind in ("LSTM", "Loop", "If", "Contrib", "Custom"):
         # After conv2 of three: in the trainable part of --train-layers 2.
         e[f"trainable_{kind}"] = save(tiny_cnn(extra=kind, extra_after=1), tmp / f"trainable_{kind}.onnx")
@@ -297,6 +298,12 @@ CASES: dict[str, Case] = {
     ),
     "dynamic spatial dims": compile_case(
         "dynamic", "--train-layers", "1", message=("dynamic dims", "--input-shape", "static")
+    ),
+    "fixed batch, other --batch-size": compile_case(
+        "batch1",
+        "--batch-size",
+        "4",
+        message=("fixed batch of 1", "--batch-size asks for 4", "dynamic batch axis"),
     ),
     "input shape wrong rank": compile_case("model", "--train-layers", "1", "--input-shape", "3,16", message="rank 4"),
     "input shape conflicts": compile_case("model", "--train-layers", "1", "--input-shape", "3,32,32", message="has 16"),
