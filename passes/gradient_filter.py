@@ -355,6 +355,19 @@ class _Emitter:
     def reduce_sum(self, name: str, src: gs.Tensor, axes: tuple[int, ...], shape: tuple[int, ...]) -> gs.Variable:
         return self.op("ReduceSum", name, [src, self.ints(f"{name}_axes", axes)], shape, {"keepdims": 0})
 
+    def sum_leading(self, name: str, src: gs.Tensor, count: int, shape: tuple[int, ...]) -> gs.Variable:
+        """Sum over the leading axis of length `count` (src is `count` x `shape`).
+
+        A K=`count` MatMul with a row of ones: MLAS streams the rows at GEMM speed, where
+        ORT's ReduceSum over a leading axis ran 16x slower (8.8 vs 0.55 ms for 32 x 512^2
+        floats, 2 threads).
+        """
+        size = int(np.prod(shape))
+        rows = self.reshape(f"{name}_rows", src, (count, size))
+        ones = self.const(f"{name}_ones", np.ones((1, count), dtype=np.float32))
+        summed = self.op("MatMul", f"{name}_mm", [ones, rows], (1, size))
+        return self.reshape(name, summed, shape)
+
     def scale(self, name: str, src: gs.Tensor, factor: float, shape: tuple[int, ...]) -> gs.Tensor:
         # Only ever applied to small tensors (W~, per-channel sums); skipped when exact 1.
         if factor == 1.0:
@@ -618,12 +631,12 @@ def _rewrite(graph: gs.Graph, layer: ConvLayer, geom: FilterGeometry, conv_grad:
 
     if d_b is not None:
         # Exact: sum over pixels == per-patch weights (ones for window sums, in-image
-        # counts for means) dotted with g^, a GEMV at patch resolution instead of a pass over g_y.
-        flat = em.reshape("bias_flat", g_hat, (n * c_out, patches))
+        # counts for means) dotted with g^, at patch resolution instead of a pass over g_y.
+        # Samples first: the GEMV then reads an N times smaller tensor.
+        per_patch = em.sum_leading("bias_samples", g_hat, n, (c_out, patches))
         weights = em.const("bias_weights", bias_weights.reshape(patches, 1).astype(np.float32))
-        per_sample = em.op("MatMul", "bias_per_sample", [flat, weights], (n * c_out, 1))
-        per_sample = em.reshape("bias_rows", per_sample, (n, c_out))
-        _redirect(em.reduce_sum("bias_sum", per_sample, (0,), (c_out,)), d_b)
+        per_channel = em.op("MatMul", "bias_patches", [per_patch, weights], (c_out, 1))
+        _redirect(em.reshape("bias_sum", per_channel, (c_out,)), d_b)
 
     if d_w is not None:
         x_tilde, to_sum = _pool_input(em, x, layer, geom)
@@ -634,7 +647,8 @@ def _rewrite(graph: gs.Graph, layer: ConvLayer, geom: FilterGeometry, conv_grad:
             gq = em.reshape("gw_g", g_hat, (n, group, cout_g, patches))
             xq = em.reshape("gw_x", x_tilde, (n, group, 1, patches))
             prod = em.op("Mul", "gw_prod", [gq, xq], (n, group, cout_g, patches))
-            per_tap = em.reduce_sum("gw_sum", prod, (0, 3), (group, cout_g))
+            per_patch = em.sum_leading("gw_samples", prod, n, (group, cout_g, patches))
+            per_tap = em.reduce_sum("gw_sum", per_patch, (2,), (group, cout_g))
             per_tap = em.scale("gw_scaled", per_tap, alpha, (group, cout_g))
         elif g_major is not None:
             x_major = _channel_major(em, "x_major", x_tilde, (n, group, cin_g, patches))
@@ -646,7 +660,7 @@ def _rewrite(graph: gs.Graph, layer: ConvLayer, geom: FilterGeometry, conv_grad:
             # g^ x~^T per sample with the scale folded into alpha, then summed over samples.
             attrs = {"transA": 0, "transB": 1, "alpha": float(alpha)}
             prod = em.op("FusedMatMul", "gw_prod", [gq, xq], (n, group, cout_g, cin_g), attrs, _MS_DOMAIN)
-            per_tap = em.reduce_sum("gw_sum", prod, (0,), (group, cout_g, cin_g))
+            per_tap = em.sum_leading("gw_sum", prod, n, (group, cout_g, cin_g))
         if (k_h, k_w) == (1, 1):
             _redirect(em.reshape("gw_taps", per_tap, (c_out, cin_g, 1, 1)), d_w)
         else:

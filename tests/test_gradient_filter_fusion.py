@@ -208,7 +208,7 @@ def test_unaligned_pair_with_biases(tmp_path: Path, bn_mode: str) -> None:
     # A's bias gradient reads g^_A (count-weighted), which the fusion now writes from B's patches.
     reads = {n.name: n.input[0] for n in compiled.fused.graph.node}
     writers = {out: n.name for n in compiled.fused.graph.node for out in n.output}
-    assert reads[f"{lower.node}/gf/bias_flat"] == f"{lower.node}/gf/g_pool"
+    assert reads[f"{lower.node}/gf/bias_samples_rows"] == f"{lower.node}/gf/g_pool"
     assert writers[f"{lower.node}/gf/g_pool"].startswith(f"{lower.node}/gf/fuse/")
     assert not _pool_nodes(compiled.fused, lower.node)
     assert f"{lower.output}_grad" not in _full_resolution_outputs(compiled.fused, lower.y_shape)
