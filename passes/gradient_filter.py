@@ -25,7 +25,8 @@ The dilated form drops taps that shift by a whole grid or more (they only read z
 Why these ops (ORT 1.19 CPU, 2 threads, batch 32, the paper's 3x3 layer shapes): ORT
 runs ~20 small ops with a fixed cost each, so the op count and a few slow ORT kernels
 (Expand into the last axes, a Transpose moving 9-float runs, ReduceSum over a
-middle axis of a short row) decided the small layers, not the FLOPs. Hence:
+middle axis of a short row or over a leading axis) decided the small layers, not the
+FLOPs. Hence:
 - pooling: ONE MatMul with a 0/1 (or 1/count) matrix reads g_y once when each element
   feeds few outputs (r whole rows -> p_w windows, or the whole map -> every window; "few"
   is wider for r <= 2); wider maps sum the r rows of each window first (ReduceSum over a
@@ -33,11 +34,13 @@ middle axis of a short row) decided the small layers, not the FLOPs. Hence:
   a 0/1 MatMul;
 - grad_W and the channel mix: with few patches, g^ and x~ are transposed to
   channel-major (small tensors) so each is ONE GEMM over batch x patches; with many,
-  per-sample batched GEMMs, the FusedMatMul alpha carrying the scale;
+  per-sample batched GEMMs, the FusedMatMul alpha carrying the scale, summed over
+  samples by a MatMul with a row of ones (`_Emitter.sum_leading`);
 - W~: the taps are summed first (a GEMV whose vector carries the scale), then the small
   C_out x C_in/g matrix is transposed;
-- grad_b: a GEMV of g^ with per-patch weights (ones for sums, window counts for
-  means), never another pass over g_y; grad_W's taps: a broadcast Mul with ones;
+- grad_b: g^ summed over samples, then a GEMV with per-patch weights (ones for sums,
+  window counts for means), never another pass over g_y; grad_W's taps: a K=1 MatMul
+  of the per-tap values with a row of ones;
 - upsample: a 0/1 MatMul for the columns, then one Gather over rows that also does the
   crop and the zero fill (Expand and Resize measured 1.5-4x slower).
 The constant factors (1/r^2 of an aligned mean, R^2 of an AveragePool-based sum,
