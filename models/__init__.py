@@ -22,6 +22,7 @@ _ENTRIES: dict[str, tuple[str, str]] = {
     "resnet18": ("models.resnet", "resnet18"),
     "resnet34": ("models.resnet", "resnet34"),
     "mcunet": ("models.mcunet", "mcunet"),
+    "mcunet_5fps": ("models.mcunet_5fps", "mcunet_5fps"),
     "deeplabv3_resnet18": ("models.deeplab", "deeplabv3_resnet18"),
     "vgg16_bn": ("models.vgg", "vgg16_bn"),
 }
