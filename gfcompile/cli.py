@@ -13,7 +13,7 @@ from runtime.errors import RunError
 from .config import DEFAULT_TRAIN_LAYERS, CompileConfig
 from .errors import GfError
 
-SUBCOMMANDS = ("compile", "train", "eval", "diff", "inspect", "bundle", "federate")
+SUBCOMMANDS = ("compile", "train", "eval", "diff", "inspect", "bundle", "federate", "export")
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -29,7 +29,8 @@ def compile_parser() -> argparse.ArgumentParser:
         description="Compile an ONNX CNN into onnxruntime-training artifacts for on-device fine-tuning.",
         epilog="Other commands: gfcompile train ARTIFACTS --data D.npz, gfcompile eval ARTIFACTS --data D.npz, "
         "gfcompile diff A B, gfcompile inspect ARTIFACTS_OR_MODEL, gfcompile bundle ARTIFACTS -o BUNDLE, "
-        "gfcompile federate ARTIFACTS --train-data D.npz --test-data T.npz",
+        "gfcompile federate ARTIFACTS --train-data D.npz --test-data T.npz, "
+        "gfcompile export MODEL -o MODEL.onnx (torchvision name, zoo name or FILE.py:FACTORY)",
     )
     parser.add_argument("model", type=Path, help="the .onnx model to compile")
     parser.add_argument("-o", "--output", type=Path, default=Path("artifacts"), help="artifacts folder to write")
@@ -193,6 +194,24 @@ def federate_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def export_parser() -> argparse.ArgumentParser:
+    from . import export
+
+    parser = argparse.ArgumentParser(
+        prog="gfcompile export",
+        description="Export a PyTorch model (torchvision name, zoo name, or FILE.py:FACTORY) to an ONNX file "
+        "that gfcompile compiles as it is: eval mode, BatchNorm kept, state_dict names, dynamic batch.",
+    )
+    export.add_arguments(parser, _shape)
+    return parser
+
+
+def _export(args: argparse.Namespace) -> int:
+    from . import export
+
+    return export.run(args)
+
+
 def _federate(args: argparse.Namespace) -> int:
     from . import federate_cli
 
@@ -210,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         "bundle": (bundle_parser, _bundle),
         "compile": (compile_parser, _compile),
         "federate": (federate_parser, _federate),
+        "export": (export_parser, _export),
     }
     try:
         if argv and argv[0] in commands:

@@ -14,6 +14,8 @@ Why the exporter is driven the way it is:
   replaced by an Identity of `bn.bias`. Exporting with initializers as inputs
   disables that pass; removing them from `graph.input` afterwards gives the
   usual "initializers are constants" model.
+* A model that returns a dict (torchvision's segmentation nets: {"out": ..., "aux": ...}) is
+  exported with its "out" entry as the one output; parameter names stay the model's own.
 
 Usage: `python -m models.export NAME -o out.onnx [--input-size 224] [--num-classes 10] [--in-channels 3]
 [--width-mult 1.0] [--classifier-width 4096] [--batch 1] [--static-batch]`
@@ -31,6 +33,35 @@ import torch
 from torch import nn
 
 __all__ = ["export_onnx", "main"]
+
+# The entry of a dict output that is the prediction (torchvision's segmentation models).
+DICT_OUTPUT_KEY = "out"
+
+
+class _DictEntry(nn.Module):
+    """`model` returning only `model(x)[key]`. It holds the model's own submodules, parameters and
+    buffers (not the model as a child), so the state_dict keys, and the exported names, are unchanged."""
+
+    def __init__(self, model: nn.Module, key: str) -> None:
+        super().__init__()
+        self._modules.update(model._modules)
+        self._parameters.update(model._parameters)
+        self._buffers.update(model._buffers)
+        object.__setattr__(self, "_model_forward", model.forward)
+        self.key = key
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._model_forward(x)[self.key]
+
+
+def _single_output(model: nn.Module, dummy: torch.Tensor) -> nn.Module:
+    with torch.no_grad():
+        probe = model(dummy)
+    if not isinstance(probe, dict):
+        return model
+    if DICT_OUTPUT_KEY not in probe:
+        raise RuntimeError(f"the model returns a dict without an {DICT_OUTPUT_KEY!r} entry (keys: {sorted(probe)})")
+    return _DictEntry(model, DICT_OUTPUT_KEY)
 
 
 def export_onnx(
@@ -57,11 +88,12 @@ def export_onnx(
     dummy = torch.randn(*input_shape, generator=torch.Generator().manual_seed(0))
     dynamic_axes = {input_name: {0: "batch"}, output_name: {0: "batch"}} if dynamic_batch else None
     try:
+        exported = _single_output(model, dummy)
         with warnings.catch_warnings():
             # The legacy exporter is deprecated but is exactly what we want here.
             warnings.simplefilter("ignore", DeprecationWarning)
             torch.onnx.export(
-                model,
+                exported,
                 (dummy,),
                 str(path),
                 dynamo=False,
