@@ -5,7 +5,7 @@
 Per layer (every Conv and Gemm, forward order): op, per-sample input and output shapes, what
 happens to it (frozen, trained, gradient-filtered with r, row-tiled with K), the activation bytes
 its backward keeps and its backward FLOPs, both at the compiled batch size. Those two follow the
-paper's analytic definitions (`passes.gradient_filter.filtered_cost`, as in the compile table,
+paper's analytic definitions (`passes.geometry.filtered_cost`, as in the compile table,
 times the batch): a trained conv keeps its input (filtered: the pooled input), a trained Gemm its
 input row, a frozen layer nothing.
 
@@ -41,7 +41,7 @@ import onnx
 from onnx import helper
 
 from passes.base import ConvLayer
-from passes.gradient_filter import filtered_cost
+from passes.geometry import filtered_cost
 
 from .config import CompileConfig
 from .diff import canonical_order, checkpoint_parameters, load_onnx, read_manifest, value_types

@@ -1,8 +1,17 @@
-"""Running an ordered list of passes: the only place that converts ModelProto <-> gs.Graph."""
+"""Running an ordered list of passes: the only place that converts ModelProto <-> gs.Graph.
+
+Around every pass the runner enforces the contract of `passes.base`: the pass belongs to
+the stage being run, the passes it REQUIRES already ran in this compile (`Plan.passes_run`,
+or `history` in the legalize stage, which has no Plan), its FACTS hold, and afterwards every
+tensor name has exactly one producer. Whatever escapes a pass comes out as a one-line
+GfError naming the pass.
+"""
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import logging
 import sys
 from collections.abc import Iterator, Sequence
 from types import ModuleType
@@ -10,28 +19,116 @@ from types import ModuleType
 import onnx
 import onnx_graphsurgeon as gs
 
-from passes.base import FACTS, Plan
+from passes.base import GRAPH_FACTS, STAGES, Plan
 
 from .errors import GfError
+
+_LOG = logging.getLogger("gfcompile.passes")
 
 
 def pass_name(module: ModuleType) -> str:
     return module.__name__.rsplit(".", 1)[-1]
 
 
-def run_passes(passes: Sequence[ModuleType], model: onnx.ModelProto, plan: Plan, stage: str) -> onnx.ModelProto:
+def passes_before(passes: Sequence[ModuleType], stop: ModuleType) -> tuple[ModuleType, ...]:
+    """The passes of `passes` that run before `stop` (which must be one of them)."""
+    if stop not in passes:
+        raise ValueError(f"pass {pass_name(stop)} is not in {[pass_name(p) for p in passes]}")
+    return tuple(passes[: list(passes).index(stop)])
+
+
+def run_passes(
+    passes: Sequence[ModuleType],
+    model: onnx.ModelProto,
+    plan: Plan | None,
+    stage: str,
+    history: list[str] | None = None,
+) -> onnx.ModelProto:
+    """Run `passes` in order on `model`; returns the rewritten model.
+
+    `history` lists the passes already run in this compile and is extended; it defaults to
+    `plan.passes_run` (a Plan lives for one compile). Only the legalize stage runs without a Plan.
+    """
+    if stage not in STAGES:
+        raise GfError(f"internal error: unknown pass stage {stage!r}")
+    if history is None:
+        history = plan.passes_run if plan is not None else []
     for module in passes:
-        if stage != module.STAGE:
-            raise GfError(f"internal: pass {pass_name(module)} is a {module.STAGE} pass, run in the {stage} stage")
-        _check_requirements(module, model)
+        name = pass_name(module)
+        check_declarations(module, stage)
+        missing = [required for required in module.REQUIRES if required not in history]
+        if missing:
+            raise GfError(f"internal error: pass {name} requires {', '.join(missing)} to run before it")
+        _check_facts(module, model)
+        _LOG.debug("running %s (%s stage, %d nodes)", name, stage, len(model.graph.node))
         with _recursion_for(model):
-            try:
-                graph = module.run(gs.import_onnx(model), plan)
-            except ValueError as exc:  # passes refuse configurations they cannot rewrite with ValueError
-                raise GfError(f"{pass_name(module)}: {exc}") from None
+            graph = _run_one(module, gs.import_onnx(model), plan)
             graph.cleanup().toposort()
         model = _export_like(graph, model)
+        problem = single_producer_problem(model)
+        if problem:
+            raise GfError(f"internal error in pass {name}: {problem}")
+        history.append(name)
     return model
+
+
+def check_declarations(module: ModuleType, stage: str) -> None:
+    """The module declares the pass contract (STAGE, REQUIRES, FACTS, run) and belongs to `stage`."""
+    name = pass_name(module)
+    for attribute in ("STAGE", "REQUIRES", "FACTS", "run"):
+        if not hasattr(module, attribute):
+            raise GfError(f"internal error: pass {name} does not declare {attribute}")
+    if stage != module.STAGE:
+        raise GfError(f"internal error: pass {name} is a {module.STAGE} pass, run in the {stage} stage")
+    unknown = [fact for fact in module.FACTS if fact not in GRAPH_FACTS]
+    if unknown:
+        raise GfError(f"internal error: pass {name} declares unknown facts {unknown}")
+
+
+def _run_one(module: ModuleType, graph: gs.Graph, plan: Plan | None) -> gs.Graph:
+    name = pass_name(module)
+    try:
+        result = module.run(graph, plan)
+    except (ValueError, GfError) as exc:  # passes refuse what they cannot rewrite with ValueError
+        raise GfError(f"{name}: {exc}") from None
+    except Exception as exc:
+        _LOG.debug("pass %s failed", name, exc_info=True)
+        detail = str(exc).splitlines()[0] if str(exc) else ""
+        raise GfError(f"internal error in pass {name}: {type(exc).__name__}: {detail}".rstrip(": ")) from exc
+    if not isinstance(result, gs.Graph):
+        raise GfError(f"internal error in pass {name}: run() returned {type(result).__name__}, not a graph")
+    return result
+
+
+def single_producer_problem(model: onnx.ModelProto) -> str | None:
+    """Why the graph's tensor names are not each written exactly once (None if they are).
+
+    Graph inputs and initializers count as producers (an initializer that is also an input
+    gives the input's default: one tensor). Every tensor a node or the graph output reads
+    must have a producer. Subgraphs (If/Loop bodies) are not looked into.
+    """
+    graph = model.graph
+    producers: collections.Counter[str] = collections.Counter()
+    inputs = [value.name for value in graph.input]
+    initializers = [init.name for init in graph.initializer] + [s.values.name for s in graph.sparse_initializer]
+    producers.update(inputs)
+    producers.update(initializers)
+    for name in set(inputs) & set(initializers):
+        producers[name] -= 1  # an initializer that is also an input is that input's default
+    for node in graph.node:
+        producers.update(name for name in node.output if name)
+    duplicated = sorted(name for name, count in producers.items() if count > 1)
+    if duplicated:
+        more = f" (and {len(duplicated) - 1} more)" if len(duplicated) > 1 else ""
+        return f"tensor {duplicated[0]!r} is written {producers[duplicated[0]]} times{more}"
+    for node in graph.node:
+        for name in node.input:
+            if name and name not in producers:
+                return f"node {node.name!r} reads {name!r}, which nothing produces"
+    for value in graph.output:
+        if value.name not in producers:
+            return f"graph output {value.name!r} is not produced"
+    return None
 
 
 @contextlib.contextmanager
@@ -58,16 +155,15 @@ def _export_like(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
     return exported
 
 
-def _check_requirements(module: ModuleType, model: onnx.ModelProto) -> None:
-    for fact in module.REQUIRES:
-        if fact not in FACTS:
-            raise GfError(f"internal: pass {pass_name(module)} requires unknown fact {fact!r}")
+def _check_facts(module: ModuleType, model: onnx.ModelProto) -> None:
+    name = pass_name(module)
+    for fact in module.FACTS:
         if fact == "static_shapes":
             for value in model.graph.input:
                 dims = value.type.tensor_type.shape.dim
                 if any(not d.HasField("dim_value") for d in dims):
-                    raise GfError(f"internal: pass {pass_name(module)} needs static shapes; {value.name} is dynamic")
+                    raise GfError(f"internal error: pass {name} needs static shapes; {value.name} is dynamic")
         elif fact == "ort_gradient_graph" and not any(
             node.domain == "com.microsoft" or node.op_type.endswith("Grad") for node in model.graph.node
         ):
-            raise GfError(f"internal: pass {pass_name(module)} runs on a training graph only")
+            raise GfError(f"internal error: pass {name} runs on a training graph only")

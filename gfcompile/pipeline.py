@@ -34,12 +34,15 @@ from .output import (
     staging_directory,
     write_manifest,
 )
-from .passrunner import pass_name, run_passes
+from .passrunner import pass_name, passes_before, run_passes
 from .planning import select_layers
 from .summary import format_table, layer_costs, totals
 
+# Each stage's passes, in order (see passes/base.py for the stages and the pass contract).
+LEGALIZE_PASSES: tuple = ()
 FORWARD_PASSES = (frozen_bn_fold, bn_eval_affine, cleanup, row_tiling)
 TRAINING_PASSES = (gradient_filter, gradient_filter_fusion, activation_mask, row_recompute, save_early)
+LOWER_PASSES: tuple = ()
 
 Reporter = Callable[[str], None]
 
@@ -48,19 +51,25 @@ def compile_model(model_path: Path, config: CompileConfig, report: Reporter = pr
     """Compile `model_path` into a training artifacts folder at `config.output_dir`."""
     check_output_dir(config.output_dir, config.force)
     model = load_and_validate(model_path, downconvert=config.downconvert)
+    legalized: list[str] = []
+    model = run_passes(LEGALIZE_PASSES, model, None, stage="legalize", history=legalized)
     report_batch_default(model, config, report)
     model = pin_shapes(model, config)
     plan = select_layers(model, config)
+    plan.passes_run.extend(legalized)
     if config.memory_budget_mb is not None:
         plan.row_tiles = tiles_for_budget(model, plan, config.memory_budget_mb, report)
     report(describe_plan(plan))
     costs = layer_costs(plan)
     report(format_table(costs))
     forward = run_passes(FORWARD_PASSES, model, plan, stage="forward")
+    if plan.row_tiles >= 2 and not plan.tiled_chains:
+        report(f"--row-tiles {plan.row_tiles}: no conv chain could be tiled (run with -v for why); compiled untiled")
     with staging_directory(config.output_dir) as staging:
         report("building the backward graph with onnxruntime-training ...")
         train = build_backward(forward, plan, config, staging)
         train.training = run_passes(TRAINING_PASSES, train.training, plan, stage="training")
+        train.training = run_passes(LOWER_PASSES, train.training, plan, stage="lower")
         write_artifacts(train, plan, config, model_path, costs)
         publish(staging, config.output_dir)
     report(f"wrote {config.output_dir}")
@@ -97,7 +106,7 @@ def build_manifest(train: TrainingModels, plan: Plan, config: CompileConfig, sou
             "frozen_params": plan.frozen_params,
             "bn_mode": plan.bn_mode,
             "paper_stride_scaling": plan.paper_stride_scaling,
-            "row_tiles": plan.row_tiles,
+            "row_tiles": plan.applied_row_tiles,
             "row_strategy": plan.row_strategy,
             "row_tile_trainable": plan.row_tile_trainable,
         },
@@ -120,7 +129,7 @@ def build_manifest(train: TrainingModels, plan: Plan, config: CompileConfig, sou
 
 def tiles_for_budget(model: onnx.ModelProto, plan: Plan, budget_mb: float, report: Reporter) -> int:
     """The smallest --row-tiles whose estimated peak fits the budget, estimated on the untiled forward."""
-    untiled = run_passes(FORWARD_PASSES[:-1], model, plan, stage="forward")
+    untiled = run_passes(passes_before(FORWARD_PASSES, row_tiling), model, plan, stage="forward")
     try:
         tiles = row_tiling.tiles_for_budget(untiled, plan, budget_mb)
     except ValueError as exc:

@@ -1,13 +1,13 @@
 """The per-layer cost table (the gradient-filtering paper's definitions), printed and kept in the manifest.
 
 Memory: fp32 bytes of the trained conv layers' input activations at batch 1.
-FLOPs: backward FLOPs of the trained conv layers at batch 1 (see `passes.gradient_filter.filtered_cost`).
+FLOPs: backward FLOPs of the trained conv layers at batch 1 (see `passes.geometry.filtered_cost`).
 """
 
 from __future__ import annotations
 
 from passes.base import Plan
-from passes.gradient_filter import filtered_cost
+from passes.geometry import filtered_cost
 
 
 def layer_costs(plan: Plan) -> list[dict]:

@@ -23,7 +23,8 @@ from .base import Plan, Stage
 from .graph_utils import gradient_dependent_nodes
 
 STAGE: Stage = "training"
-REQUIRES: tuple[str, ...] = ("ort_gradient_graph",)
+REQUIRES: tuple[str, ...] = ("gradient_filter",)
+FACTS: tuple[str, ...] = ("ort_gradient_graph",)
 
 
 def mask_name(activation: str) -> str:

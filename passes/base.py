@@ -1,28 +1,49 @@
 """The pass contract shared by every graph rewrite in `passes/`.
 
-A pass is a module with:
+A pass is a module with one entry point and three declarations:
 
-    STAGE: Stage                  # "forward" (before the backward is built) or "training"
-    REQUIRES: tuple[str, ...]     # facts about the graph the pass relies on (see FACTS)
-    def run(graph: gs.Graph, plan: Plan) -> gs.Graph
+    STAGE: Stage                  # when it runs: "legalize", "forward", "training" or "lower"
+    REQUIRES: tuple[str, ...]     # passes (module names) that must have run before it, in this compile
+    FACTS: tuple[str, ...]        # facts about the input graph it relies on (see GRAPH_FACTS)
+    def run(graph: gs.Graph, plan: Plan | None) -> gs.Graph
 
-A pass never reads CLI flags, never writes files and never imports another pass.
-The pipeline converts ModelProto <-> gs.Graph once per pass at the runner boundary.
+Stages, in pipeline order: "legalize" rewrites the loaded model into the subset the compiler
+supports, before shapes are pinned and before there is a Plan (`plan` is None); "forward"
+rewrites the pinned forward graph; "training" rewrites ORT's training graph; "lower" runs
+last, on the training graph.
+
+A pass never reads CLI flags, never writes files and never imports another pass. Names it
+generates come from `passes.names.NameAllocator` (new in the graph by construction), nodes
+from `passes.emitter.Emitter`; what a later pass must find is published in `Plan.generated`.
+Refusals are `ValueError` (the runner turns them into one-line user errors naming the pass);
+anything else escaping a pass is reported as an internal error of that pass. Passes log to
+`pass_logger(__name__)` ("gfcompile.passes.<name>", shown by `gfcompile -v`), including why
+a candidate was skipped. The runner (gfcompile/passrunner.py) converts ModelProto <-> gs.Graph
+once per pass, checks REQUIRES and FACTS before it and, after it, that every tensor name has
+exactly one producer.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
-Stage = Literal["forward", "training"]
+from .names import GeneratedNames
 
-# Facts a pass may declare in REQUIRES. The runner checks the ones it can check.
-FACTS = {
+Stage = Literal["legalize", "forward", "training", "lower"]
+STAGES: tuple[Stage, ...] = ("legalize", "forward", "training", "lower")
+
+# Facts a pass may declare in FACTS. The runner checks each before the pass runs.
+GRAPH_FACTS = {
     "static_shapes": "every graph input has static dims (pinned by pin_shapes)",
-    "bn_eval_affine": "BatchNorm of trainable layers is already an eval-mode affine (Mul/Add)",
     "ort_gradient_graph": "the graph is a training graph produced by ORT's gradient builder",
 }
+
+
+def pass_logger(module_name: str) -> logging.Logger:
+    """The logger of the pass `module_name` (its `__name__`): "gfcompile.passes.<pass>"."""
+    return logging.getLogger(f"gfcompile.passes.{module_name.rsplit('.', 1)[-1]}")
 
 
 @dataclass(frozen=True)
@@ -69,6 +90,19 @@ class Plan:
     row_tiles: int = 0
     row_strategy: Literal["overl", "2ps"] = "overl"
     row_tile_trainable: bool = False
+    # Filled in while the passes run (one compile): which passes ran, what they generated.
+    passes_run: list[str] = field(default_factory=list)
+    generated: GeneratedNames = field(default_factory=GeneratedNames)
+
+    @property
+    def tiled_chains(self) -> int:
+        """How many conv chains row_tiling actually tiled (0 when it found none, or did not run)."""
+        return len(self.generated.chain_scopes)
+
+    @property
+    def applied_row_tiles(self) -> int:
+        """`row_tiles` if row_tiling tiled at least one chain, else 0 (what the artifacts really do)."""
+        return self.row_tiles if self.row_tiles >= 2 and self.tiled_chains else 0
 
     def conv(self, node_name: str) -> ConvLayer:
         for layer in self.convs:

@@ -16,7 +16,8 @@ import onnx_graphsurgeon as gs
 from .base import Plan, Stage
 
 STAGE: Stage = "forward"
-REQUIRES: tuple[str, ...] = ("static_shapes",)
+REQUIRES: tuple[str, ...] = ("frozen_bn_fold",)
+FACTS: tuple[str, ...] = ("static_shapes",)
 
 
 def run(graph: gs.Graph, plan: Plan) -> gs.Graph:

@@ -12,7 +12,8 @@ import onnx_graphsurgeon as gs
 from .base import Plan, Stage
 
 STAGE: Stage = "forward"
-REQUIRES: tuple[str, ...] = ("static_shapes",)
+REQUIRES: tuple[str, ...] = ()
+FACTS: tuple[str, ...] = ("static_shapes",)
 
 
 def run(graph: gs.Graph, plan: Plan) -> gs.Graph:

@@ -15,6 +15,7 @@ from .base import Plan, Stage
 
 STAGE: Stage = "forward"
 REQUIRES: tuple[str, ...] = ()
+FACTS: tuple[str, ...] = ()
 
 
 def run(graph: gs.Graph, plan: Plan) -> gs.Graph:

@@ -44,10 +44,11 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .base import Plan, Stage
-from .gradient_filter import FilterGeometry, filter_geometry
+from .geometry import FilterGeometry, filter_geometry
 
 STAGE: Stage = "training"
-REQUIRES: tuple[str, ...] = ("ort_gradient_graph",)
+REQUIRES: tuple[str, ...] = ("gradient_filter",)
+FACTS: tuple[str, ...] = ("ort_gradient_graph",)
 
 _LOG = logging.getLogger(__name__)
 # A chain of affine gradient ops longer than this is not an eval BN; stop looking.
@@ -416,4 +417,4 @@ def _reduce_split_upsample(graph: gs.Graph, plan: Plan, conv_name: str) -> None:
     _LOG.info("gradient filter fusion: %s's input gradient summed at patch resolution", conv_name)
 
 
-__all__ = ["REQUIRES", "STAGE", "Fusion", "find_fusions", "run"]
+__all__ = ["FACTS", "REQUIRES", "STAGE", "Fusion", "find_fusions", "run"]

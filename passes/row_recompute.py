@@ -49,7 +49,8 @@ from .base import Plan, Stage
 from .graph_utils import GRADIENT_SUFFIX, gradient_dependent_nodes
 
 STAGE: Stage = "training"
-REQUIRES: tuple[str, ...] = ("ort_gradient_graph",)
+REQUIRES: tuple[str, ...] = ("row_tiling",)
+FACTS: tuple[str, ...] = ("ort_gradient_graph",)
 
 _LOG = logging.getLogger(__name__)
 _BAND = re.compile(r"^rowtile/(?P<chain>.+?)/band(?P<band>\d+)/")
@@ -354,4 +355,4 @@ def _assemble_entry_gradient(graph: gs.Graph, em: _Emitter, chain: str, bands: d
         node.outputs.clear()
 
 
-__all__ = ["REQUIRES", "STAGE", "drop_unread_pool_indices", "run", "tiled_bands"]
+__all__ = ["FACTS", "REQUIRES", "STAGE", "drop_unread_pool_indices", "run", "tiled_bands"]

@@ -71,7 +71,8 @@ import onnx_graphsurgeon as gs
 from .base import Plan, Stage
 
 STAGE: Stage = "forward"
-REQUIRES: tuple[str, ...] = ("static_shapes",)
+REQUIRES: tuple[str, ...] = ("bn_eval_affine",)
+FACTS: tuple[str, ...] = ("static_shapes",)
 
 Strategy = Literal["overl", "2ps"]
 STRATEGIES: tuple[str, ...] = ("overl", "2ps")
@@ -1111,6 +1112,7 @@ def run(graph: gs.Graph, plan: Plan) -> gs.Graph:
         return graph
     for chain in chains:
         tile_chain(graph, chain, chain.bands, chain.strategy)
+        plan.generated.chain_scopes[chain.name] = f"rowtile/{chain.name}"
         _LOG.info(
             "row tiling: %s %s -> %s in %d bands (%d ops)",
             chain.strategy,
@@ -1373,7 +1375,7 @@ def required_session_options(plan: Plan) -> dict:
     size, and keeps it allocated in between, so equally sized bands of one chain all stay
     allocated until the last one (VGG-16 training step at K=8: 76 MiB with reuse, 51 without).
     """
-    tiled = bool(plan.row_tiles and plan.row_tiles >= 2)
+    tiled = plan.applied_row_tiles >= 2
     return {
         "graph_optimization_level": "ORT_ENABLE_ALL",
         "execution_order": "DEFAULT",
@@ -1384,6 +1386,7 @@ def required_session_options(plan: Plan) -> dict:
 
 
 __all__ = [
+    "FACTS",
     "MAX_EXIT_RATIO",
     "MAX_OVERL_RECOMPUTE",
     "REQUIRES",

@@ -29,7 +29,8 @@ from .gradient_filter import pooled_input_name
 from .graph_utils import gradient_dependent_nodes
 
 STAGE: Stage = "training"
-REQUIRES: tuple[str, ...] = ("ort_gradient_graph",)
+REQUIRES: tuple[str, ...] = ("gradient_filter", "activation_mask")
+FACTS: tuple[str, ...] = ("ort_gradient_graph",)
 
 _LOG = logging.getLogger(__name__)
 _MS_DOMAIN = "com.microsoft"
@@ -130,4 +131,4 @@ def _insert_barrier(graph: gs.Graph, source: gs.Variable, group: list[tuple[gs.V
     _LOG.info("save_early: %s computed before the readers of %s", ", ".join(s.name for s, _ in group), source.name)
 
 
-__all__ = ["REQUIRES", "STAGE", "barrier_name", "run"]
+__all__ = ["FACTS", "REQUIRES", "STAGE", "barrier_name", "run"]

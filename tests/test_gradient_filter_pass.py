@@ -25,6 +25,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from passes import geometry
 from passes import gradient_filter as gf
 from passes.base import ConvLayer, Plan
 from runtime.ort_training import training_submodule
@@ -409,7 +410,7 @@ def reference(built: Built, case: Case, inp: np.ndarray, target: np.ndarray) -> 
     return out
 
 
-def x_pool_chain_ok(graph: gs.Graph, layer: ConvLayer, geom: gf.FilterGeometry) -> None:
+def x_pool_chain_ok(graph: gs.Graph, layer: ConvLayer, geom: geometry.FilterGeometry) -> None:
     """x feeds only the forward conv, the pooling chain and (unrelated) ORT gradient nodes,
     and every tensor derived from x on the way to x~ feeds nothing but that chain."""
     tensors = graph.tensors()
@@ -451,14 +452,14 @@ def test_training_step_matches_reference(tmp_path: Path, name: str) -> None:
         paper_stride_scaling=case.paper,
     )
     before, after = apply_pass(tmp_path, plan)
-    geom = gf.filter_geometry(built.layer, case.r)
+    geom = geometry.filter_geometry(built.layer, case.r)
 
     # Graph checks: ConvGrad of conv2 gone, no backward node reads full-resolution x.
     grads_of_x = [n for n in after.nodes if n.op == "ConvGrad" and n.inputs[1].name == built.layer.input]
     assert not grads_of_x
     x_pool_chain_ok(after, built.layer, geom)
     if case.first_r:
-        x_pool_chain_ok(after, layers[0], gf.filter_geometry(layers[0], case.first_r))
+        x_pool_chain_ok(after, layers[0], geometry.filter_geometry(layers[0], case.first_r))
     preexisting = {n.name for n in before.nodes if n.op != "ConvGrad"}
     others = {n.name for n in after.tensors()[built.layer.input].outputs} - {"conv2"}
     others = {n for n in others if not n.startswith("conv2/gf/")}
@@ -525,9 +526,9 @@ def test_optimizer_steps_after_pass(tmp_path: Path) -> None:
 
 def test_geometry_and_cost() -> None:
     layer = make_layer("c", "x", "y", "w", None, (1, 128, 120, 160), (128, 128, 3, 3), {"pads": (1,) * 4})
-    geom = gf.filter_geometry(layer, 2)
+    geom = geometry.filter_geometry(layer, 2)
     assert geom.grid == (60, 80) and geom.patch == (2, 2) and geom.x_aligned and geom.g_aligned
-    cost = gf.filtered_cost(layer, 2)
+    cost = geometry.filtered_cost(layer, 2)
     assert cost["vanilla_activation_bytes"] == 128 * 120 * 160 * 4
     assert cost["filtered_activation_bytes"] == 128 * 60 * 80 * 4
     macs = 128 * 120 * 160 * 128 * 9
@@ -535,27 +536,27 @@ def test_geometry_and_cost() -> None:
     assert cost["filtered_backward_flops"] == 128 * 120 * 160 + 2 * (2 * 128 * 128 * 60 * 80)
 
     strided = make_layer("s", "x", "y", "w", None, (2, 3, 15, 15), (4, 3, 3, 3), {"strides": (2, 2)})
-    geom = gf.filter_geometry(strided, 2)  # H_y = 7: p = 4, R = 4, 16 - 15 = 1 row of pad
+    geom = geometry.filter_geometry(strided, 2)  # H_y = 7: p = 4, R = 4, 16 - 15 = 1 row of pad
     assert geom.grid == (4, 4) and geom.x_pads == (1, 1, 0, 0) and geom.g_pads == (1, 1, 0, 0)
     valid = make_layer("v", "x", "y", "w", None, (2, 3, 13, 13), (4, 3, 7, 7), {})
-    assert gf.filter_geometry(valid, 8).x_pads == (-2, -2, -3, -3)  # crop: 8 of 13 rows
+    assert geometry.filter_geometry(valid, 8).x_pads == (-2, -2, -3, -3)  # crop: 8 of 13 rows
     aspp = make_layer(
         "a", "x", "y", "w", None, (1, 8, 16, 16), (8, 8, 3, 3), {"pads": (12,) * 4, "dilations": (12, 12)}
     )
-    assert gf.filter_geometry(aspp, 4).reduced_dilations == (3, 3)
-    assert gf.filter_geometry(replace(aspp, dilations=(2, 2), pads=(2,) * 4), 4).reduced_dilations == (0, 0)
+    assert geometry.filter_geometry(aspp, 4).reduced_dilations == (3, 3)
+    assert geometry.filter_geometry(replace(aspp, dilations=(2, 2), pads=(2,) * 4), 4).reduced_dilations == (0, 0)
 
 
 def test_refuses_impossible_configs() -> None:
     layer = make_layer("bad_conv", "x", "y", "w", None, (2, 4, 8, 8), (4, 4, 3, 3), {"pads": (1,) * 4})
     with pytest.raises(ValueError, match="bad_conv"):
-        gf.filter_geometry(layer, 0)
+        geometry.filter_geometry(layer, 0)
     with pytest.raises(ValueError, match="bad_conv"):
-        gf.filter_geometry(replace(layer, group=3), 2)
+        geometry.filter_geometry(replace(layer, group=3), 2)
     with pytest.raises(ValueError, match="bad_conv"):
-        gf.filter_geometry(replace(layer, y_shape=(2, 4, 7, 8)), 2)
+        geometry.filter_geometry(replace(layer, y_shape=(2, 4, 7, 8)), 2)
     with pytest.raises(ValueError, match="bad_conv"):
-        gf.filter_geometry(replace(layer, x_shape=(2, 4, -1, 8)), 2)
+        geometry.filter_geometry(replace(layer, x_shape=(2, 4, -1, 8)), 2)
     # A conv without a ConvGrad (frozen) cannot be filtered.
     model = helper.make_model(
         helper.make_graph(
