@@ -17,6 +17,7 @@ from onnx import helper
 
 from passes.base import Plan
 from runtime.ort_training import training_submodule
+from runtime.signals import STOP_SIGNALS
 
 from .config import CompileConfig
 from .errors import GfError
@@ -128,6 +129,9 @@ def build_backward(model: onnx.ModelProto, plan: Plan, config: CompileConfig, di
 
     with _native_output_captured() as captured:
         failure = _run_isolated(generate)
+    if failure is not None and "no space left on device" in failure.lower():
+        # The child wrote the models and checkpoint into the staging folder; a full disk is not a graph problem.
+        raise GfError(f"{directory.parent}: no space left on device while writing the training models; free some space")
     if failure is not None:
         raise GfError(f"ORT's gradient builder failed: {failure}{_control_flow_hint(model, failure)}")
     if captured.get("text") and "error" in captured["text"].lower():
@@ -162,9 +166,9 @@ def _run_isolated(work: Callable[[], None]) -> str | None:
             return _last_line(exc)
         return None
     read_end, write_end = os.pipe()
-    # SIGINT stays blocked across fork: a Ctrl-C landing mid-fork would otherwise be handled in the
-    # child's copy of the interpreter and lost in the parent. Blocking also runs any handler already due.
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    # Stop signals (Ctrl-C, SIGTERM, SIGHUP) stay blocked across fork: one landing mid-fork would otherwise
+    # be handled in the child's copy of the interpreter and lost in the parent. Blocking also runs any handler already due.
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         pid = os.fork()
     except BaseException:
@@ -173,7 +177,8 @@ def _run_isolated(work: Callable[[], None]) -> str | None:
     if pid == 0:  # the child: report through the pipe and leave without running any parent cleanup
         code = 0
         try:
-            signal.signal(signal.SIGINT, signal.SIG_DFL)  # the parent handles Ctrl-C and kills the child
+            for signum in STOP_SIGNALS:  # the parent handles stop signals and kills the child
+                signal.signal(signum, signal.SIG_DFL)
             signal.pthread_sigmask(signal.SIG_SETMASK, previous)
             os.close(read_end)
             work()
@@ -189,7 +194,7 @@ def _run_isolated(work: Callable[[], None]) -> str | None:
         with os.fdopen(read_end, "rb") as pipe:
             message = pipe.read().decode(errors="replace")
         _, status = os.waitpid(pid, 0)
-    except BaseException:  # Ctrl-C: stop the child too, so no process keeps writing into the staging dir
+    except BaseException:  # a stop signal: stop the child too, so no process keeps writing into the staging dir
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)

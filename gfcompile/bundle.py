@@ -1,10 +1,14 @@
-"""`gfcompile bundle`: a self-contained folder (or .tar.gz) to copy onto a device and train there.
+"""`gfcompile bundle`: a folder (or .tar.gz) of data to copy onto a device and train there.
 
-The bundle holds the training, eval and optimizer models, the initial checkpoint, the runner's
-sources (`runtime/`, so `python -m runtime` works inside the folder), a README for the device,
-and a manifest: the compile manifest plus a "bundle" entry (which model files to
-load, what the device needs) and the sha256 of every shipped file, the checkpoint included. The
-device runner (`gftrain` / `python -m runtime`) verifies all of them before loading anything.
+The bundle holds the training, eval and optimizer models, the initial checkpoint, a README for the
+device, the manifest (the compile manifest plus a "bundle" entry: which model files to load, what
+the device needs), `SHA256SUMS` over every one of those files, the manifest included, and with
+`--sign-key` an Ed25519 signature of SHA256SUMS. It holds no code: the device runs the installed
+runtime (`pip install gfcompile-runtime`, see runtime/pyproject.toml), which verifies the bundle
+against SHA256SUMS and, given `--trusted-key`, the signature before it loads anything (see
+runtime/bundle.py). Signing uses `cryptography`'s Ed25519 rather than OpenSSF model-signing: that
+package resolves beside our pins, but brings sigstore, tuf, pydantic and a dozen more packages
+onto devices whose runtime otherwise needs only numpy and onnxruntime-training.
 
 `--ort-format` ships the training and optimizer models in ORT format (what ORT's minimal and
 mobile builds load; onnxruntime-training 1.19's Module trains from them). The eval model stays
@@ -15,22 +19,32 @@ an .ort file, and the inference export is part of the device workflow.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tarfile
-import tempfile
 from pathlib import Path
 
-from runtime.bundle import DEFAULT_MODELS, INITIAL_CHECKPOINT
+from runtime import signing
+from runtime.bundle import CHECKSUMS, DEFAULT_MODELS, INITIAL_CHECKPOINT, SIGNATURE, checksums_text
 from runtime.errors import RunError
 from runtime.trainer import load_manifest
 
 from . import __version__
 from .errors import GfError
-from .output import MANIFEST, check_output_dir, file_hashes, publish, staging_directory
+from .output import (
+    MANIFEST,
+    check_output_dir,
+    file_hashes,
+    publish,
+    staging_directory,
+    write_file_atomically,
+)
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz")
-RUNTIME_REQUIREMENTS = ["onnxruntime-training-cpu==1.19.2", "numpy", "Pillow (image folders only)"]
+RUNTIME_REQUIREMENTS = [
+    "gfcompile-runtime (onnxruntime-training-cpu==1.19.2, numpy)",
+    "its [images] extra (Pillow) for image folders",
+    "its [signing] extra (cryptography) for --trusted-key",
+]
 
 
 def make_bundle(
@@ -39,11 +53,17 @@ def make_bundle(
     ort_format: bool = False,
     preprocess: dict | None = None,
     force: bool = False,
+    sign_key: Path | None = None,
 ) -> Path:
-    """Write a bundle folder, or a .tar.gz when `output` ends that way, and return its path."""
+    """Write a bundle folder, or a .tar.gz when `output` ends that way, and return its path.
+
+    With `sign_key` (an Ed25519 PEM private key) SHA256SUMS is signed into SHA256SUMS.sig.
+    """
     artifacts, output = Path(artifacts), Path(output)
     try:
         manifest = load_manifest(artifacts, verify=True)
+        if sign_key is not None:
+            signing.sign(b"", Path(sign_key))  # a bad key fails here, before any file is written
     except RunError as exc:
         raise GfError(str(exc)) from None
     missing = [name for name in [*DEFAULT_MODELS.values(), INITIAL_CHECKPOINT] if not (artifacts / name).is_file()]
@@ -57,20 +77,22 @@ def make_bundle(
             raise GfError(f"{output}: exists; pass --force to replace it")
         if output.is_dir():
             raise GfError(f"{output}: is a directory, expected an archive name")
-        with tempfile.TemporaryDirectory(prefix=".bundle-", dir=output.parent.resolve()) as scratch:
-            name = output.name[: -len(next(s for s in ARCHIVE_SUFFIXES if output.name.endswith(s)))]
-            folder = Path(scratch) / name
+        name = output.name[: -len(next(s for s in ARCHIVE_SUFFIXES if output.name.endswith(s)))]
+        with staging_directory(output) as staging:
+            folder = staging / name
             folder.mkdir()
-            _fill(folder, artifacts, manifest, ort_format)
-            temporary = Path(scratch) / "bundle.tar.gz"
-            with tarfile.open(temporary, "w:gz") as tar:
-                tar.add(folder, arcname=name)
-            os.replace(temporary, output)
+            _fill(folder, artifacts, manifest, ort_format, sign_key)
+
+            def pack(temporary: Path) -> None:
+                with tarfile.open(temporary, "w:gz") as tar:
+                    tar.add(folder, arcname=name)
+
+            write_file_atomically(output, pack, force=force)
         return output
     check_output_dir(output, force)
     with staging_directory(output) as staging:
-        _fill(staging, artifacts, manifest, ort_format)
-        publish(staging, output)
+        _fill(staging, artifacts, manifest, ort_format, sign_key)
+        publish(staging, output, force=force)
     return output
 
 
@@ -100,7 +122,7 @@ def check_preprocess(spec: dict, manifest: dict) -> dict:
     return checked
 
 
-def _fill(folder: Path, artifacts: Path, manifest: dict, ort_format: bool) -> None:
+def _fill(folder: Path, artifacts: Path, manifest: dict, ort_format: bool, sign_key: Path | None) -> None:
     models = dict(DEFAULT_MODELS)
     shutil.copy2(artifacts / DEFAULT_MODELS["eval"], folder / DEFAULT_MODELS["eval"])
     shutil.copy2(artifacts / INITIAL_CHECKPOINT, folder / INITIAL_CHECKPOINT)
@@ -111,7 +133,6 @@ def _fill(folder: Path, artifacts: Path, manifest: dict, ort_format: bool) -> No
             _to_ort_format(source, folder / models[role], manifest)
         else:
             shutil.copy2(source, folder / models[role])
-    _copy_runtime(folder / "runtime")
     bundle_manifest = {key: value for key, value in manifest.items() if key != "files"}
     bundle_manifest["bundle"] = {
         "format": "ort" if ort_format else "onnx",
@@ -124,16 +145,15 @@ def _fill(folder: Path, artifacts: Path, manifest: dict, ort_format: bool) -> No
     (folder / "README.md").write_text(_readme(bundle_manifest))
     bundle_manifest["files"] = file_hashes(folder)
     (folder / MANIFEST).write_text(json.dumps(bundle_manifest, indent=2) + "\n")
+    # SHA256SUMS covers the manifest too: an edited learning rate fails the check like a flipped model byte.
+    listing = checksums_text(file_hashes(folder) | {MANIFEST: _sha256(folder / MANIFEST)}).encode()
+    (folder / CHECKSUMS).write_bytes(listing)
+    if sign_key is not None:
+        try:
+            (folder / SIGNATURE).write_bytes(signing.sign(listing, Path(sign_key)))
+        except RunError as exc:
+            raise GfError(str(exc)) from None
     folder.chmod(0o755)
-
-
-def _copy_runtime(target: Path) -> None:
-    """The device runner's sources (numpy + onnxruntime-training only), so the bundle runs as it is."""
-    import runtime
-
-    target.mkdir()
-    for source in sorted(Path(runtime.__file__).parent.glob("*.py")):
-        shutil.copy2(source, target / source.name)
 
 
 def _sha256(path: Path) -> str:
@@ -188,23 +208,28 @@ Made by {bundle["made_by"]} ({bundle["format"]} models). Copy this whole folder 
 
 ## Needs
 
-Python 3.10 or 3.11 with {", ".join(bundle["requires"])}. No torch, no onnx-graphsurgeon:
-the runner's sources are in `runtime/`.
+Python 3.10 or 3.11 with the gfcompile runtime installed: {"; ".join(bundle["requires"])}. Build its
+wheel from the gfcompile sources with `pip wheel --no-deps ./runtime -w dist/`, copy it over, and
+`pip install 'gfcompile_runtime-*.whl[images,signing]'`. No torch, no onnx-graphsurgeon. This
+folder holds data only; the installed runner checks it and never imports anything from it.
 
 ## Train
 
-    cd THIS_FOLDER
-    python -m runtime . --data DATA --steps 500 --checkpoint-every 10 --export model.onnx
+    gftrain THIS_FOLDER --data DATA --steps 500 --checkpoint-every 10 --export model.onnx [--trusted-key KEY.pub]
 
-DATA is an `.npz` with arrays `x` (N, {", ".join(str(d) for d in shape[1:])}) and `y`, or a folder with
-one subfolder of images per class (`0/`, `1/`, ... or class names, sorted). Images are converted to
-the input's channel count and resized to its height and width. The model has {classes} classes and
-trains on batches of {shape[0]}.
+Run `gftrain` (or `python -I -m runtime`) from any folder; plain `python -m runtime` run from inside
+this folder would put the folder on Python's import path. DATA is an `.npz` with arrays `x` (N,
+{", ".join(str(d) for d in shape[1:])}) and `y`, or a folder with one subfolder of images per class (`0/`, `1/`, ... or class
+names, sorted). Images are converted to the input's channel count and resized to its height and
+width. The model has {classes} classes and trains on batches of {shape[0]}.
 
 Preprocessing: {prep}
 
-Before loading anything the runner checks every file against its sha256 in `manifest.json` and
-refuses a corrupted bundle. `checkpoint` is the shipped initial state and is never written;
+Before loading anything the runner checks every file against `SHA256SUMS` (the manifest
+included), refuses files that it does not list, and with `--trusted-key KEY.pub` checks the
+Ed25519 signature `SHA256SUMS.sig` against that key; without it, it prints a notice. Without Python:
+`sha256sum -c SHA256SUMS` and `openssl pkeyutl -verify -pubin -inkey KEY.pub -rawin -in SHA256SUMS
+-sigfile SHA256SUMS.sig`. `checkpoint` is the shipped initial state and is never written;
 training goes to `trained_checkpoint` (or `--checkpoint PATH`), replaced atomically every
 `--checkpoint-every` steps. After a crash or power loss, run the same command again: it resumes at
 the last checkpoint and stops at `--steps` in total, with no lost or repeated steps.

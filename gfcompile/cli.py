@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from runtime.errors import RunError
+from runtime.signals import exit_code, signal_name, stop_on_termination
 
 from .config import DEFAULT_TRAIN_LAYERS, CompileConfig
 from .errors import GfError
@@ -179,6 +180,14 @@ def bundle_parser() -> argparse.ArgumentParser:
         "replaces what the model recorded",
     )
     parser.add_argument("--force", action="store_true", help="replace an existing output")
+    parser.add_argument(
+        "--sign-key",
+        type=Path,
+        default=None,
+        help="Ed25519 private key (PEM) that signs the bundle's SHA256SUMS; devices check it with gftrain "
+        "--trusted-key (make a pair: openssl genpkey -algorithm ed25519 -out KEY && openssl pkey -in KEY -pubout "
+        "-out KEY.pub)",
+    )
     return parser
 
 
@@ -231,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         "federate": (federate_parser, _federate),
         "export": (export_parser, _export),
     }
+    stop_on_termination()
     try:
         if argv and argv[0] in commands:
             make_parser, handler = commands[argv[0]]
@@ -239,9 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     except (GfError, RunError) as exc:
         print(f"gfcompile: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("gfcompile: interrupted; no partial output was left", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:
+        print(f"gfcompile: interrupted ({signal_name(stop)}); no partial output was left", file=sys.stderr)
+        return exit_code(stop)
 
 
 def _read_patch_size_map(path: Path | None) -> dict:
@@ -342,7 +352,14 @@ def _bundle(args: argparse.Namespace) -> int:
             preprocess = json.loads(text)
         except json.JSONDecodeError as exc:
             raise GfError(f"--preprocess: not valid JSON ({exc})") from None
-    path = make_bundle(args.artifacts, args.output, ort_format=args.ort_format, preprocess=preprocess, force=args.force)
+    path = make_bundle(
+        args.artifacts,
+        args.output,
+        ort_format=args.ort_format,
+        preprocess=preprocess,
+        force=args.force,
+        sign_key=args.sign_key,
+    )
     print(f"wrote {path}")
     return 0
 

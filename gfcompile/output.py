@@ -1,25 +1,38 @@
-"""Writing artifacts: a staging directory renamed into place, and the manifest."""
+"""Writing outputs: a staging directory renamed into place, single files renamed into place, and the manifest.
+
+Publishing is atomic and never replaces what it was not asked to: without --force the final
+rename goes onto a path that is missing or an empty directory (rename(2) refuses a non-empty one),
+so of two compiles racing to the same `-o` exactly one wins and the other is refused. Staging
+folders carry their owner's pid in their name (`.NAME.staging-PID-XXXX`); a compile sweeps the
+ones whose owner is dead (killed with SIGKILL, or a power loss) before it starts its own.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
 import shutil
-import signal
 import tempfile
-import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import onnx
 
+from runtime.signals import stop_signals_deferred
 from runtime.trainer import sha256_file
 
 from .errors import GfError
 
 MANIFEST = "manifest.json"
 MODEL_FILES = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx")
+# Scratch folders beside an output: `.NAME.staging-PID-XXXX` while writing, `.NAME.retired-PID-XXXX`
+# for the old output that --force swaps out.
+SCRATCH_KINDS = ("staging", "retired")
+# Errors that mean "this place cannot take the output" rather than a bug: one line, not a traceback.
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO}
 
 
 def check_output_dir(output_dir: Path, force: bool) -> None:
@@ -30,52 +43,129 @@ def check_output_dir(output_dir: Path, force: bool) -> None:
         raise GfError(f"{output_dir}: directory is not empty; pass --force to replace it")
 
 
+def write_error(exc: OSError, target: Path) -> GfError:
+    """One line for an output that the file system refused (full disk, read-only, no permission)."""
+    reason = (exc.strerror or type(exc).__name__).lower()
+    hint = "; free some space and run it again" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+    return GfError(f"{target}: cannot write it ({reason}); nothing was written{hint}")
+
+
 @contextlib.contextmanager
 def staging_directory(output_dir: Path) -> Iterator[Path]:
-    """A sibling temp dir that is removed on any failure, so no half-written output remains."""
+    """A sibling temp dir that is removed on any failure or stop signal, so no half-written output remains."""
     output_dir = output_dir.resolve()
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = None
     try:
-        # A Ctrl-C between creating the folder and knowing its name would leak it.
-        with _sigint_deferred():
-            staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.staging-", dir=output_dir.parent))
+        output_dir.parent.mkdir(parents=True, exist_ok=True)
+        sweep_stale_scratch(output_dir)
+        # A stop signal between creating the folder and knowing its name would leak it.
+        with stop_signals_deferred():
+            staging = Path(tempfile.mkdtemp(prefix=f"{_scratch_prefix(output_dir, 'staging')}-", dir=output_dir.parent))
         yield staging
+    except OSError as exc:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        if exc.errno in WRITE_ERRNOS:
+            raise write_error(exc, output_dir) from None
+        raise
     except BaseException:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
         raise
 
 
-def publish(staging: Path, output_dir: Path) -> None:
-    """Move the finished staging dir into place; an old output is swapped out, then deleted.
+def publish(staging: Path, output_dir: Path, force: bool = False) -> None:
+    """Move the finished staging dir into place, atomically.
 
-    Ctrl-C is held back during the two renames: between them the target would be missing.
+    Without `force` it lands only on a missing path or an empty directory: an output that appeared
+    since `check_output_dir` (another compile to the same -o) is kept and this one is refused. With
+    `force` an existing output is swapped out, then deleted. Stop signals are held back during the
+    renames: between the two of --force the target would be missing.
     """
     output_dir = output_dir.resolve()
-    retired = None
     staging.chmod(0o755)  # mkdtemp makes it owner-only; artifacts are meant to be shared
-    with _sigint_deferred():
-        if output_dir.exists():
-            retired = output_dir.with_name(f".{output_dir.name}.retired-{os.getpid()}")
-            os.replace(output_dir, retired)
-        os.replace(staging, output_dir)
-    if retired is not None:
-        shutil.rmtree(retired, ignore_errors=True)
+    with stop_signals_deferred():
+        try:
+            os.rename(staging, output_dir)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+                raise
+            if not force or not output_dir.is_dir():
+                what = "a directory that is not empty" if output_dir.is_dir() else "something that is not a directory"
+                raise GfError(
+                    f"{output_dir}: became {what} while this ran (another compile?); it was left as it is and "
+                    "nothing was written; pass --force to replace it"
+                ) from None
+        retired = Path(tempfile.mkdtemp(prefix=f"{_scratch_prefix(output_dir, 'retired')}-", dir=output_dir.parent))
+        os.replace(output_dir, retired)
+        os.rename(staging, output_dir)
+    shutil.rmtree(retired, ignore_errors=True)
 
 
-@contextlib.contextmanager
-def _sigint_deferred() -> Iterator[None]:
-    """Block SIGINT (delivered once the block ends) where signal masks exist, in the main thread."""
-    can_block = hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread()
-    if not can_block:
-        yield
-        return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+def sweep_stale_scratch(output_dir: Path) -> list[Path]:
+    """Remove `.NAME.staging-PID-*` / `.NAME.retired-PID-*` folders whose process is gone; returns them."""
+    output_dir = Path(output_dir)
+    pattern = re.compile(rf"^{re.escape(f'.{output_dir.name}.')}(?:{'|'.join(SCRATCH_KINDS)})-(\d+)-")
+    swept = []
+    with contextlib.suppress(OSError):
+        for path in output_dir.parent.iterdir():
+            match = pattern.match(path.name)
+            if match and path.is_dir() and not path.is_symlink() and not _process_alive(int(match.group(1))):
+                shutil.rmtree(path, ignore_errors=True)
+                swept.append(path)
+    return swept
+
+
+def _scratch_prefix(output_dir: Path, kind: str) -> str:
+    return f".{output_dir.name}.{kind}-{os.getpid()}"
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
     try:
-        yield
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # another user's process (or a name we cannot judge): leave its folder alone
+    return True
+
+
+def write_file_atomically(path: Path, write: Callable[[Path], None], force: bool = True) -> Path:
+    """Let `write` fill a temporary sibling of `path`, then rename it into place.
+
+    A full disk, a read-only folder or a stop signal leaves `path` as it was and no temporary file.
+    Without `force` an existing `path` is kept and the write refused (os.link does not replace).
+    """
+    path = Path(path)
+    temporary = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with stop_signals_deferred():
+            handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+            os.close(handle)
+            temporary = Path(name)
+        write(temporary)
+        os.chmod(temporary, 0o644)
+        if force:
+            os.replace(temporary, path)
+        else:
+            try:
+                os.link(temporary, path)
+            except FileExistsError:
+                raise GfError(f"{path}: exists (it appeared while this ran?); pass --force to replace it") from None
+    except OSError as exc:
+        if exc.errno in WRITE_ERRNOS:
+            raise write_error(exc, path) from None
+        if exc.errno in (errno.ENOTDIR, errno.EISDIR, errno.EEXIST):
+            raise GfError(f"{path}: cannot write it ({(exc.strerror or '').lower()})") from None
+        raise
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        if temporary is not None:
+            temporary.unlink(missing_ok=True)
+    return path
 
 
 def save_model(model: onnx.ModelProto, path: Path) -> None:

@@ -71,7 +71,7 @@ def compile_model(model_path: Path, config: CompileConfig, report: Reporter = pr
         train.training = run_passes(TRAINING_PASSES, train.training, plan, stage="training")
         train.training = run_passes(LOWER_PASSES, train.training, plan, stage="lower")
         write_artifacts(train, plan, config, model_path, costs)
-        publish(staging, config.output_dir)
+        publish(staging, config.output_dir, force=config.force)
     report(f"wrote {config.output_dir}")
     return config.output_dir
 

@@ -1,8 +1,11 @@
-"""`python -m runtime` / `gftrain`: train compiled artifacts or a device bundle (no torch needed).
+"""`gftrain` / `python -I -m runtime`: train compiled artifacts or a device bundle (no torch needed).
 
-    gftrain BUNDLE --data images/ --steps 500 --export model.onnx
+    gftrain BUNDLE --data images/ --steps 500 --export model.onnx [--trusted-key KEY.pub]
 
-Every file is checked against its sha256 before anything loads. Training resumes from the
+This is the installed runtime (`pip install gfcompile-runtime`); the bundle holds data only.
+Every file is checked against the bundle's SHA256SUMS (and its signature against --trusted-key)
+before anything loads. Errors are one line, `gfcompile: error: ...`, exit code 2, like every other
+gfcompile entry point; SIGTERM and SIGHUP stop it like Ctrl-C, keeping the last checkpoint. Training resumes from the
 checkpoint (default BUNDLE/trained_checkpoint) and stops at step `--steps` in total, so running
 the same command again after a crash or power loss continues where the last checkpoint left off:
 the data order depends only on (seed, step), and checkpoints are replaced atomically.
@@ -13,6 +16,7 @@ from __future__ import annotations
 import sys
 
 from .errors import RunError
+from .signals import exit_code, signal_name, stop_on_termination
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,22 +35,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--export", type=Path, default=None, help="write an inference .onnx model after training")
     parser.add_argument(
+        "--trusted-key",
+        type=Path,
+        default=None,
+        help="Ed25519 public key (PEM): refuse a bundle whose SHA256SUMS.sig it did not sign",
+    )
+    parser.add_argument(
         "--skip-nonfinite",
         action="store_true",
         help="accept samples with NaN/Inf inputs (refused by default) and skip any batch whose loss or gradient "
         "is not finite instead of stopping; the weights and checkpoints never take NaN values either way",
     )
     args = parser.parse_args(argv)
+    stop_on_termination()
     try:
         return _train(args)
     except RunError as exc:
-        print(f"gftrain: error: {exc}", file=sys.stderr)
+        print(f"gfcompile: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         print(
-            "gftrain: interrupted; the last saved checkpoint is kept (run the same command to resume)", file=sys.stderr
+            f"gfcompile: interrupted ({signal_name(stop)}); the last saved checkpoint is kept "
+            "(run the same command to resume)",
+            file=sys.stderr,
         )
-        return 130
+        return exit_code(stop)
 
 
 def _train(args) -> int:
@@ -58,7 +71,9 @@ def _train(args) -> int:
     if args.steps < 0 or args.checkpoint_every < 0:
         raise RunError("--steps and --checkpoint-every must be >= 0")
     checkpoint = args.checkpoint or args.artifacts / "trained_checkpoint"
-    trainer = open_trainer(args.artifacts, checkpoint=checkpoint if checkpoint.exists() else None)
+    trainer = open_trainer(
+        args.artifacts, checkpoint=checkpoint if checkpoint.exists() else None, trusted_key=args.trusted_key
+    )
     data = load_data(args.data, trainer.manifest, allow_nonfinite=args.skip_nonfinite)
     if trainer.step:
         print(f"resuming from {checkpoint} at step {trainer.step}", file=sys.stderr)

@@ -1,49 +1,117 @@
-"""Device bundles: checking every shipped file, and training from ORT-format models.
+"""Device bundles: verified against what the device trusts, before any of their files is parsed.
 
-A bundle (written by `gfcompile bundle`) is an artifacts folder whose manifest also has a
-"bundle" entry naming the model files to load ("training_model.ort" or ".onnx", ...). Its
-"files" hold the sha256 of every shipped file, the initial checkpoint included: the runtime
-never writes into the shipped checkpoint (it trains into `trained_checkpoint` or the
-`--checkpoint` path), so that hash stays valid and a corrupted bundle is refused before
-anything is loaded.
+A bundle (written by `gfcompile bundle`) holds data only: the training, eval and optimizer
+models, the initial checkpoint, `manifest.json`, a README, `SHA256SUMS` (the sha256 of every one of
+those files, the manifest included) and, when signed, `SHA256SUMS.sig` (Ed25519 over SHA256SUMS).
+The code that checks it is the installed runtime (`pip install gfcompile-runtime`), never the
+bundle: nothing in a bundle is imported, and the runner never puts the bundle's folder on the
+import path. A bundle is refused when a listed file is missing or differs, when it holds a file
+that SHA256SUMS does not list (a `numpy.py`, a `runtime/` folder), and with `--trusted-key` when
+the signature is missing or does not match. The chain is signature -> SHA256SUMS -> manifest and
+models, so an edited learning rate or a re-hashed poisoned checkpoint fails before ORT loads a byte.
+
+The only files the runner itself adds to a bundle are its default training state:
+`trained_checkpoint` and that checkpoint's side files (temporary file, momentum buffers).
 """
 
 from __future__ import annotations
 
+import re
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
+from . import signing
 from .errors import RunError
 from .trainer import DEFAULT_MODELS, MANIFEST, Trainer, load_manifest, model_files, sha256_file
 
 INITIAL_CHECKPOINT = "checkpoint"
+CHECKSUMS = "SHA256SUMS"
+SIGNATURE = "SHA256SUMS.sig"
+TRAINED_CHECKPOINT = "trained_checkpoint"
+MAX_CHECKSUMS_BYTES = 1 << 20
+MAX_SIGNATURE_BYTES = 1024
+# What `Trainer.save(BUNDLE/trained_checkpoint)` writes: the checkpoint, its temporary file, momentum buffers.
+DEVICE_STATE = re.compile(rf"^{TRAINED_CHECKPOINT}(\.tmp|\.momentum-\d+\.npz(\.tmp\.npz)?)?$")
+# `sha256sum` format: 64 hex digits, two spaces (or space and '*'), a flat file name.
+CHECKSUM_LINE = re.compile(r"^([0-9a-f]{64}) [ *]([A-Za-z0-9_][A-Za-z0-9._-]*)$")
 
 
-def verify_files(directory: Path, manifest: dict) -> None:
-    """Refuse a folder whose files (the shipped checkpoint included) do not match the manifest."""
+def is_bundle(directory: Path) -> bool:
+    return (Path(directory) / CHECKSUMS).exists()
+
+
+def checksums_text(hashes: dict[str, str]) -> str:
+    """SHA256SUMS as `sha256sum` writes it (so `sha256sum -c SHA256SUMS` checks a bundle too)."""
+    return "".join(f"{digest}  {name}\n" for name, digest in sorted(hashes.items()))
+
+
+def verify_bundle(
+    directory: Path, trusted_key: Path | None = None, notice: Callable[[str], None] | None = None
+) -> None:
+    """Refuse a bundle unless SHA256SUMS (signed by `trusted_key`, when given) matches exactly the files present."""
     directory = Path(directory)
-    files = manifest.get("files")
-    if not files:
-        raise RunError(f"{directory}: the manifest lists no files to verify")
-    for name, expected in files.items():
+    notice = notice or (lambda message: print(message, file=sys.stderr))
+    listing = _read_capped(directory / CHECKSUMS, MAX_CHECKSUMS_BYTES)
+    signature_path = directory / SIGNATURE
+    if trusted_key is not None:
+        if not signature_path.is_file():
+            raise RunError(f"{directory}: is not signed ({SIGNATURE} missing) but --trusted-key asks for a signature")
+        signing.verify(listing, _read_capped(signature_path, MAX_SIGNATURE_BYTES), Path(trusted_key), str(directory))
+    elif signature_path.exists():
+        notice(
+            f"gfcompile: notice: {directory} is signed, but no --trusted-key was given: the signature is not checked"
+        )
+    else:
+        notice(
+            f"gfcompile: notice: {directory} is not signed: its files match {CHECKSUMS}, but nothing proves who "
+            "made it (sign with `gfcompile bundle --sign-key`, check with `gftrain --trusted-key`)"
+        )
+    expected = _parse_checksums(listing, directory)
+    if MANIFEST not in expected:
+        raise RunError(f"{directory}: {CHECKSUMS} does not list {MANIFEST}; copy the whole bundle again")
+    for path in sorted(directory.rglob("*")):
+        name = path.relative_to(directory).as_posix()
+        if name in expected or name in (CHECKSUMS, SIGNATURE):
+            continue
+        if DEVICE_STATE.match(name) and path.is_file() and not path.is_symlink():
+            continue
+        kind = "folder" if path.is_dir() else "file"
+        raise RunError(
+            f"{directory}: the {kind} {name} is not listed in {CHECKSUMS}; a bundle holds only the files it lists "
+            "(remove it, or copy the bundle again)"
+        )
+    for name, digest in expected.items():
         path = directory / name
+        if path.is_symlink() or (path.exists() and not path.is_file()):
+            raise RunError(f"{directory}: {name} is not a regular file")
         if not path.is_file():
             raise RunError(f"{directory}: {name} is missing; copy the whole bundle again")
-        if sha256_file(path) != expected:
+        if sha256_file(path) != digest:
             hint = (
                 "; train into a separate checkpoint (gftrain --checkpoint), the shipped one must stay as it was"
                 if name == INITIAL_CHECKPOINT
                 else ""
             )
-            raise RunError(f"{directory}: {name} does not match its sha256 in the manifest (corrupted?){hint}")
+            raise RunError(f"{directory}: {name} does not match its sha256 in {CHECKSUMS} (corrupted or changed){hint}")
 
 
-def open_trainer(directory: Path, checkpoint: Path | None = None, lr: float | None = None) -> Trainer:
-    """Verify every file, then load the artifacts or bundle (ORT-format models too)."""
+def open_trainer(
+    directory: Path, checkpoint: Path | None = None, lr: float | None = None, trusted_key: Path | None = None
+) -> Trainer:
+    """Verify the bundle (or the artifacts' hashes), then load it; nothing is parsed before the checks."""
     directory = Path(directory)
+    if not directory.is_dir():
+        raise RunError(f"{directory}: no such artifacts folder or bundle")
+    if is_bundle(directory):
+        verify_bundle(directory, trusted_key)
+    elif trusted_key is not None:
+        raise RunError(f"{directory}: not a signed bundle ({CHECKSUMS} missing); --trusted-key needs one")
     manifest = load_manifest(directory, verify=False)
-    verify_files(directory, manifest)
+    if "bundle" in manifest and not is_bundle(directory):
+        raise RunError(f"{directory}: a bundle without {CHECKSUMS} (made by an older gfcompile?); bundle it again")
     return Trainer(directory, checkpoint=checkpoint, lr=lr)
 
 
@@ -69,12 +137,43 @@ def check_inference_model(path: Path, trainer: Trainer, x: np.ndarray, y: np.nda
     return worst
 
 
+def _read_capped(path: Path, limit: int) -> bytes:
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(limit + 1)
+    except OSError as exc:
+        raise RunError(f"{path}: cannot read it ({(exc.strerror or type(exc).__name__).lower()})") from None
+    if len(data) > limit:
+        raise RunError(f"{path}: larger than {limit} bytes; not a bundle's {path.name}")
+    return data
+
+
+def _parse_checksums(listing: bytes, directory: Path) -> dict[str, str]:
+    expected: dict[str, str] = {}
+    try:
+        lines = listing.decode("ascii").splitlines()
+    except UnicodeDecodeError:
+        raise RunError(f"{directory}: {CHECKSUMS} is not a sha256sum listing (not ASCII)") from None
+    for number, line in enumerate(lines, 1):
+        match = CHECKSUM_LINE.match(line)
+        if not match:
+            raise RunError(f"{directory}: {CHECKSUMS} line {number} is not '<sha256>  <file name>'")
+        digest, name = match.groups()
+        if name in expected or name in (CHECKSUMS, SIGNATURE):
+            raise RunError(f"{directory}: {CHECKSUMS} lists {name} twice or lists itself")
+        expected[name] = digest
+    return expected
+
+
 __all__ = [
+    "CHECKSUMS",
     "DEFAULT_MODELS",
     "INITIAL_CHECKPOINT",
     "MANIFEST",
+    "SIGNATURE",
     "check_inference_model",
+    "checksums_text",
     "model_files",
     "open_trainer",
-    "verify_files",
+    "verify_bundle",
 ]
