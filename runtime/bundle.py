@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import signing
+from . import checkpoints, signing
 from .errors import RunError
 from .trainer import DEFAULT_MODELS, MANIFEST, Trainer, load_manifest, model_files, sha256_file
 
@@ -33,8 +33,8 @@ SIGNATURE = "SHA256SUMS.sig"
 TRAINED_CHECKPOINT = "trained_checkpoint"
 MAX_CHECKSUMS_BYTES = 1 << 20
 MAX_SIGNATURE_BYTES = 1024
-# What `Trainer.save(BUNDLE/trained_checkpoint)` writes: the checkpoint, its temporary file, momentum buffers.
-DEVICE_STATE = re.compile(rf"^{TRAINED_CHECKPOINT}(\.tmp|\.momentum-\d+\.npz(\.tmp\.npz)?)?$")
+# What `Trainer.save(BUNDLE/trained_checkpoint)` writes: the checkpoint, its record, momentum buffers, temporaries.
+DEVICE_STATE = checkpoints.companion_files(TRAINED_CHECKPOINT)
 # `sha256sum` format: 64 hex digits, two spaces (or space and '*'), a flat file name.
 CHECKSUM_LINE = re.compile(r"^([0-9a-f]{64}) [ *]([A-Za-z0-9_][A-Za-z0-9._-]*)$")
 

@@ -12,68 +12,56 @@ from pathlib import Path
 
 import numpy as np
 
+from . import checkpoints
+from .checkpoints import sha256_file
 from .data import Dataset, batches, eval_batches
 from .errors import RunError
+from .manifest import (  # noqa: F401  (DEFAULT_MODELS: re-exported for runtime.bundle)
+    CLASSIFICATION_LOSSES,
+    DEFAULT_MODELS,
+    INITIAL_CHECKPOINT,
+    MANIFEST,
+    Manifest,
+    SessionOptionsSpec,
+    read_manifest,
+)
 from .ort_training import training_api
 
-MANIFEST = "manifest.json"
-SUPPORTED_FORMAT = 1
-INITIAL_CHECKPOINT = "checkpoint"
-# Checkpoint properties the runtime writes: which artifacts the weights belong to, and in what format.
+# Checkpoint properties the runtime writes: which artifacts the weights belong to, in what format,
+# and which optimizer's state they carry (AdamW moments, or SGD whose momentum lives beside it).
 ARTIFACTS_PROPERTY = "gfcompile_artifacts"
 CHECKPOINT_FORMAT_PROPERTY = "gfcompile_checkpoint_format"
+OPTIMIZER_PROPERTY = "gfcompile_optimizer"
+# The step the current run started at (runtime/training_run.py), so a resumed run ends where it would have.
+RUN_START_PROPERTY = "gfcompile_run_start"
 CHECKPOINT_FORMAT = 1
 # With skip_nonfinite, this many non-finite steps in a row means the run has diverged, not a bad sample.
 MAX_CONSECUTIVE_SKIPS = 10
-DEFAULT_MODELS = {
-    "training": "training_model.onnx",
-    "eval": "eval_model.onnx",
-    "optimizer": "optimizer_model.onnx",
-}
 
 
-def model_files(manifest: dict) -> dict[str, str]:
+def model_files(manifest: dict | Manifest) -> dict[str, str]:
     """Which files hold the training, eval and optimizer models ("*.ort" in an ORT-format bundle)."""
-    return {**DEFAULT_MODELS, **manifest.get("bundle", {}).get("models", {})}
+    return (manifest if isinstance(manifest, Manifest) else Manifest.from_json(manifest)).model_files()
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def load_manifest(artifacts: Path, verify: bool = True) -> dict:
-    """Read manifest.json; with `verify`, refuse artifacts whose files do not match their hashes."""
+def verified_manifest(artifacts: Path, verify: bool = True) -> Manifest:
+    """The checked manifest; with `verify`, refuse artifacts whose files do not match their hashes."""
     artifacts = Path(artifacts)
-    path = artifacts / MANIFEST
-    if not path.is_file():
-        raise RunError(f"{artifacts}: no {MANIFEST}; is this a gfcompile artifacts folder?")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RunError(f"{path}: corrupted manifest ({exc})") from None
-    if not isinstance(manifest, dict):
-        raise RunError(f"{path}: corrupted manifest (not a JSON object)")
-    if manifest.get("format_version") != SUPPORTED_FORMAT:
-        raise RunError(
-            f"{path}: manifest format {manifest.get('format_version')!r} is not {SUPPORTED_FORMAT}; "
-            "recompile with this gfcompile version"
-        )
-    missing = [key for key in ("files", "plan", "inputs", "outputs", "optimizer", "loss") if key not in manifest]
-    if missing:
-        raise RunError(f"{path}: corrupted manifest (no {', '.join(missing)})")
+    manifest = read_manifest(artifacts)
     if verify:
         # The compiled checkpoint is verified too: training always writes to another file (see Trainer.save).
-        for name, expected in manifest["files"].items():
+        for name, expected in manifest.files.items():
             file = artifacts / name
             if not file.is_file():
                 raise RunError(f"{artifacts}: {name} is missing")
             if sha256_file(file) != expected:
                 raise RunError(f"{artifacts}: {name} does not match its sha256 in the manifest (corrupted?)")
     return manifest
+
+
+def load_manifest(artifacts: Path, verify: bool = True) -> dict:
+    """`verified_manifest` as JSON, for the readers that take the manifest's JSON form (data loading)."""
+    return verified_manifest(artifacts, verify).to_json()
 
 
 def ort_quiet() -> None:
@@ -83,30 +71,28 @@ def ort_quiet() -> None:
     ort.set_default_logger_severity(3)
 
 
-def session_options(manifest: dict):
+def session_options(spec: SessionOptionsSpec):
     """The ORT session options the compiler asked for (execution order matters for row tiling)."""
     import onnxruntime as ort
 
-    spec = manifest.get("session_options", {})
     options = ort.SessionOptions()
-    options.graph_optimization_level = getattr(
-        ort.GraphOptimizationLevel, spec.get("graph_optimization_level", "ORT_ENABLE_ALL")
-    )
-    options.execution_order = getattr(ort.ExecutionOrder, spec.get("execution_order", "DEFAULT"))
-    options.enable_cpu_mem_arena = bool(spec.get("enable_cpu_mem_arena", True))
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, spec.graph_optimization_level)
+    options.execution_order = getattr(ort.ExecutionOrder, spec.execution_order)
+    options.enable_cpu_mem_arena = spec.enable_cpu_mem_arena
     # Row-tiled artifacts turn these off: ORT otherwise keeps freed band buffers for reuse.
-    options.enable_mem_pattern = bool(spec.get("enable_mem_pattern", True))
-    options.enable_mem_reuse = bool(spec.get("enable_mem_reuse", True))
+    options.enable_mem_pattern = spec.enable_mem_pattern
+    options.enable_mem_reuse = spec.enable_mem_reuse
     options.log_severity_level = 3
     return options
 
 
-def artifacts_identity(manifest: dict) -> str:
+def artifacts_identity(manifest: Manifest) -> str:
     """What a checkpoint must have been trained from: the source model, the plan and the I/O signature.
 
     Independent of the model file format, so an .onnx-trained checkpoint also resumes in an ORT-format bundle.
     """
-    keys = [manifest.get(key) for key in ("source", "plan", "inputs", "outputs", "labels")]
+    data = manifest.to_json()
+    keys = [data.get(key) for key in ("source", "plan", "inputs", "outputs", "labels")]
     return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()
 
 
@@ -123,50 +109,63 @@ class Trainer:
     def __init__(self, artifacts: Path, checkpoint: Path | None = None, lr: float | None = None):
         ort_quiet()
         self.artifacts = Path(artifacts)
-        self.manifest = load_manifest(self.artifacts)
+        self.spec = verified_manifest(self.artifacts)
+        # The JSON form, for readers that take it (runtime.data.load_data and the benchmarks).
+        self.manifest = self.spec.to_json()
         api = training_api()
-        checkpoint = Path(checkpoint) if checkpoint is not None else self.artifacts / "checkpoint"
+        checkpoint = Path(checkpoint) if checkpoint is not None else self.artifacts / INITIAL_CHECKPOINT
         if not checkpoint.exists():
             raise RunError(f"{checkpoint}: no such checkpoint")
         if not checkpoint.is_file():
             raise RunError(f"{checkpoint}: not a checkpoint file")
+        # The compiled checkpoint is covered by the manifest's sha256 (verified above); any other
+        # must match its own record, before onnxruntime reads a byte of it.
+        entry = None if self._is_initial(checkpoint) else checkpoints.verify(checkpoint)
         try:
             self.state = api.CheckpointState.load_checkpoint(str(checkpoint))
         except Exception as exc:
             raise RunError(f"{checkpoint}: cannot load checkpoint ({_last_line(exc)})") from None
-        self.identity = artifacts_identity(self.manifest)
+        self.identity = artifacts_identity(self.spec)
         self._check_checkpoint(checkpoint)
-        files = model_files(self.manifest)
+        files = self.spec.model_files()
         try:
             self.module = api.Module(
                 str(self.artifacts / files["training"]),
                 self.state,
                 str(self.artifacts / files["eval"]),
                 device="cpu",
-                session_options=session_options(self.manifest),
+                session_options=session_options(self.spec.session_options),
             )
         except Exception as exc:
-            message = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-            raise RunError(f"{self.artifacts}: onnxruntime cannot load the models ({message})") from None
-        spec = self.manifest["optimizer"]
-        self.lr = float(lr if lr is not None else spec["lr"])
-        self.momentum = float(spec.get("momentum") or 0.0) if spec["type"] == "sgd" else 0.0
-        self.weight_decay = float(spec.get("weight_decay") or 0.0)
-        self.trainable = list(self.manifest["plan"]["trainable_params"])
+            raise RunError(f"{self.artifacts}: onnxruntime cannot load the models ({_last_line(exc)})") from None
+        optimizer = self.spec.optimizer
+        self.lr = float(lr if lr is not None else optimizer.lr)
+        self.momentum = float(optimizer.momentum or 0.0) if optimizer.type == "sgd" else 0.0
+        self.weight_decay = optimizer.weight_decay
+        self.trainable = list(self.spec.plan.trainable_params)
         self._velocity: dict[str, np.ndarray] = {}
         if self.momentum > 0:
             # ORT 1.19's SGD optimizer op has no momentum, so the update runs here in numpy
             # over the (few) trainable tensors of the last layers.
             self.optimizer = None
-            self._load_velocity(checkpoint)
+            self._load_velocity(checkpoint, entry)
         else:
-            self.optimizer = api.Optimizer(str(self.artifacts / files["optimizer"]), self.module)
+            try:
+                self.optimizer = api.Optimizer(str(self.artifacts / files["optimizer"]), self.module)
+            except Exception as exc:
+                raise RunError(
+                    f"{checkpoint}: onnxruntime cannot set up the {optimizer.type} optimizer from it ({_last_line(exc)})"
+                ) from None
             self.optimizer.set_learning_rate(self.lr)
-        self.batch_size = int(self.manifest["inputs"][0]["shape"][0])
+        self.batch_size = self.spec.batch_size
         self.skipped_steps: list[int] = []
+        self.run_start: int | None = _property(self.state, RUN_START_PROPERTY)
+
+    def _is_initial(self, checkpoint: Path) -> bool:
+        return checkpoint.resolve() == (self.artifacts / INITIAL_CHECKPOINT).resolve()
 
     def _check_checkpoint(self, checkpoint: Path) -> None:
-        """Refuse a checkpoint written for other artifacts or in another format, before ORT reads its weights."""
+        """Refuse a checkpoint written for other artifacts, optimizer or format, before ORT reads its weights."""
         fmt = _property(self.state, CHECKPOINT_FORMAT_PROPERTY)
         if fmt is not None and fmt != CHECKPOINT_FORMAT:
             raise RunError(
@@ -177,6 +176,13 @@ class Trainer:
             raise RunError(
                 f"{checkpoint}: this checkpoint was trained from other artifacts (model, plan or input shape "
                 f"differ from {self.artifacts}); start from {self.artifacts / INITIAL_CHECKPOINT} instead"
+            )
+        optimizer = _property(self.state, OPTIMIZER_PROPERTY)
+        if optimizer is not None and optimizer != self.spec.optimizer.type:
+            raise RunError(
+                f"{checkpoint}: this checkpoint holds {optimizer} optimizer state but {self.artifacts} trains with "
+                f"{self.spec.optimizer.type}; start from {self.artifacts / INITIAL_CHECKPOINT} or use the {optimizer} "
+                "artifacts"
             )
 
     @property
@@ -241,7 +247,7 @@ class Trainer:
 
     def evaluate(self, data: Dataset) -> EvalResult:
         total_loss, correct, count, label_count = 0.0, 0, 0, 0
-        classify = self.manifest["loss"] in ("cross_entropy", "pixel_cross_entropy")
+        classify = self.spec.loss in CLASSIFICATION_LOSSES
         for x, y, real in eval_batches(data, self.batch_size):
             loss, logits = self.outputs(x, y)
             total_loss += loss * real
@@ -249,7 +255,7 @@ class Trainer:
             if classify:
                 predicted = logits[:real].argmax(axis=1)
                 labels = y[:real]
-                mask = labels != self.manifest.get("ignore_index") if labels.ndim > 1 else np.ones_like(labels, bool)
+                mask = labels != self.spec.ignore_index if labels.ndim > 1 else np.ones_like(labels, bool)
                 correct += int(((predicted == labels) & mask).sum())
                 label_count += int(mask.sum())
         accuracy = correct / label_count if classify and label_count else None
@@ -303,61 +309,114 @@ class Trainer:
                 self.save(checkpoint)
         return losses
 
-    def save(self, checkpoint: Path) -> None:
-        """Write the checkpoint atomically: a crash leaves the previous one intact.
+    def protected_files(self) -> set[Path]:
+        """Files a checkpoint must never be written over: the manifest and every file it lists."""
+        return {(self.artifacts / name).resolve() for name in [MANIFEST, *self.spec.files]}
 
-        Momentum buffers (numpy SGD) go to a file named by step, written BEFORE the
-        checkpoint, so whichever checkpoint survives a crash finds the velocity of its own step.
-        """
-        api = training_api()
+    def check_save_path(self, checkpoint: Path) -> None:
+        """Refuse a checkpoint path that cannot be written, or would overwrite the artifacts, before any step."""
         checkpoint = Path(checkpoint)
         if checkpoint.resolve() == (self.artifacts / INITIAL_CHECKPOINT).resolve():
             raise RunError(
                 f"{checkpoint}: is the compiled initial checkpoint, which the manifest's sha256 protects; "
                 "save the trained weights to another path"
             )
+        written = [checkpoint, checkpoints.record_path(checkpoint)]
+        clash = next((path for path in written if path.resolve() in self.protected_files()), None)
+        if clash is not None:
+            raise RunError(
+                f"{checkpoint}: would overwrite {clash.name} of the artifacts in {self.artifacts}; "
+                "save the trained weights to another path"
+            )
+        check_writable_file(checkpoint, "checkpoint", create_folders=True)
+
+    def save(self, checkpoint: Path) -> None:
+        """Write the checkpoint atomically, with its integrity record: a crash leaves the previous one intact.
+
+        Momentum buffers (numpy SGD) go to a file named by step, written BEFORE the
+        checkpoint, so whichever checkpoint survives a crash finds the velocity of its own step;
+        the record holds the sha256 of both (runtime/checkpoints.py).
+        """
+        api = training_api()
+        checkpoint = Path(checkpoint)
+        self.check_save_path(checkpoint)
         # The last good checkpoint is never replaced by one holding NaN/Inf weights.
         bad = [name for name in self.trainable if not np.isfinite(self.state.parameters[name].data).all()]
         if bad:
             raise RunError(f"{checkpoint}: not saved, {bad[0]} holds NaN or Inf; the previous checkpoint is kept")
-        checkpoint.parent.mkdir(parents=True, exist_ok=True)
         self.state.properties[ARTIFACTS_PROPERTY] = self.identity
         self.state.properties[CHECKPOINT_FORMAT_PROPERTY] = CHECKPOINT_FORMAT
+        self.state.properties[OPTIMIZER_PROPERTY] = self.spec.optimizer.type
+        if self.run_start is not None:
+            self.state.properties[RUN_START_PROPERTY] = self.run_start
         temporaries = []
         try:
+            checkpoint.parent.mkdir(parents=True, exist_ok=True)
+            velocity_name = velocity_digest = None
             if self._velocity:
-                velocity_path = _velocity_path(checkpoint, self.step)
+                velocity_path = checkpoints.momentum_path(checkpoint, self.step)
                 temporary = velocity_path.with_name(velocity_path.name + ".tmp.npz")
                 temporaries.append(temporary)
                 np.savez(temporary, **self._velocity)
                 _fsync(temporary)
                 os.replace(temporary, velocity_path)
+                velocity_name, velocity_digest = velocity_path.name, sha256_file(velocity_path)
             temporary = checkpoint.with_name(checkpoint.name + ".tmp")
             temporaries.append(temporary)
             api.CheckpointState.save_checkpoint(self.state, str(temporary), include_optimizer_state=True)
             _fsync(temporary)
-            os.replace(temporary, checkpoint)
+            entry = checkpoints.CheckpointEntry(sha256_file(temporary), self.step, velocity_name, velocity_digest)
+            checkpoints.replace(checkpoint, temporary, entry)
+        except OSError as exc:
+            raise RunError(
+                f"{checkpoint}: cannot write the checkpoint ({exc.strerror or exc}); the previous one is kept"
+            ) from None
         finally:
             # Interrupted (Ctrl-C) between write and rename: the previous checkpoint stays, no stray temp file.
             for temporary in temporaries:
                 temporary.unlink(missing_ok=True)
         for stale in checkpoint.parent.glob(f"{checkpoint.name}.momentum-*.npz"):
-            if stale.name != _velocity_path(checkpoint, self.step).name:
+            if stale.name != checkpoints.momentum_path(checkpoint, self.step).name:
                 stale.unlink(missing_ok=True)
 
-    def _load_velocity(self, checkpoint: Path) -> None:
-        path = _velocity_path(checkpoint, self.step)
-        if path.is_file():
-            with np.load(path) as archive:
-                self._velocity = {name: archive[name] for name in archive.files}
+    def _load_velocity(self, checkpoint: Path, entry: checkpoints.CheckpointEntry | None) -> None:
+        path = checkpoints.verify_momentum(checkpoint, entry) if entry is not None else None
+        if path is not None:
+            try:
+                with np.load(path, allow_pickle=False) as archive:
+                    self._velocity = {name: archive[name] for name in archive.files}
+            except (OSError, ValueError) as exc:
+                raise RunError(f"{path}: cannot read the momentum buffers ({_last_line(exc)})") from None
+            unknown = sorted(set(self._velocity) - set(self.trainable))
+            if unknown:
+                raise RunError(f"{path}: momentum for {unknown[0]}, which these artifacts do not train")
         elif self.step > 0:
             raise RunError(f"{checkpoint}: no momentum buffers saved for step {self.step}; cannot resume SGD exactly")
 
     def export_inference(self, path: Path) -> Path:
         """An inference-only ONNX model with the current weights, runnable by plain onnxruntime."""
-        output_names = [value["name"] for value in self.manifest["outputs"]]
+        output_names = [value.name for value in self.spec.outputs]
         self.module.export_model_for_inferencing(str(path), output_names)
         return Path(path)
+
+
+def check_writable_file(path: Path, what: str, create_folders: bool = False) -> None:
+    """Refuse, before any work, a file path that cannot be written: a folder, under a file, read-only.
+
+    With `create_folders`, missing parent folders are fine (the writer creates them).
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise RunError(f"{path}: is a directory; give a file name for the {what}")
+    folder = path.parent
+    while not folder.exists() and create_folders and folder != folder.parent:
+        folder = folder.parent
+    if not folder.exists():
+        raise RunError(f"{path}: the folder {folder} does not exist")
+    if not folder.is_dir():
+        raise RunError(f"{path}: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise RunError(f"{path}: cannot write in {folder} (permission denied)")
 
 
 def _property(state, name: str):
@@ -368,10 +427,6 @@ def _property(state, name: str):
 def _last_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[-1] if text else type(exc).__name__
-
-
-def _velocity_path(checkpoint: Path, step: int) -> Path:
-    return checkpoint.with_name(f"{checkpoint.name}.momentum-{step}.npz")
 
 
 def _fsync(path: Path) -> None:
