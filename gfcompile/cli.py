@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from runtime.errors import RunError
+from runtime.options import add_run_arguments, positive_float
 from runtime.signals import exit_code, signal_name, stop_on_termination
 
 from .config import DEFAULT_TRAIN_LAYERS, CompileConfig
@@ -109,20 +110,28 @@ def run_parser(command: str) -> argparse.ArgumentParser:
     )
     parser.add_argument("--checkpoint", type=Path, default=None, help="checkpoint to start from")
     if command == "train":
-        parser.add_argument("--steps", type=int, default=50)
-        parser.add_argument("--lr", type=float, default=None, help="override the compiled learning rate")
+        add_run_arguments(parser)
+        parser.add_argument(
+            "--lr", type=positive_float("--lr"), default=None, help="override the compiled learning rate"
+        )
         parser.add_argument(
             "--eval-data", type=Path, default=None, help="evaluate on this .npz or image folder before and after"
         )
-        parser.add_argument("--seed", type=int, default=0)
-        parser.add_argument("--save", type=Path, default=None, help="where to write the trained checkpoint")
-        parser.add_argument("--export", type=Path, default=None, help="write an inference .onnx after training")
-        parser.add_argument("--log-every", type=int, default=10)
         parser.add_argument(
-            "--skip-nonfinite",
+            "--save",
+            type=Path,
+            default=None,
+            help="where to write the trained checkpoint, every --checkpoint-every steps and at the end "
+            "(default ARTIFACTS/trained_checkpoint)",
+        )
+        rerun = parser.add_mutually_exclusive_group()
+        rerun.add_argument(
+            "--resume", action="store_true", help="continue the run whose checkpoint is at --save, if there is one"
+        )
+        rerun.add_argument(
+            "--restart",
             action="store_true",
-            help="accept samples with NaN/Inf inputs (refused by default) and skip any batch whose loss or "
-            "gradient is not finite instead of stopping; the weights and checkpoint never take NaN values either way",
+            help="train again from --checkpoint (or the compiled weights) and replace the checkpoint at --save",
         )
     return parser
 
@@ -365,24 +374,33 @@ def _bundle(args: argparse.Namespace) -> int:
 
 
 def _run(command: str, args: argparse.Namespace) -> int:
+    from runtime import training_run
     from runtime.data import load_data
     from runtime.trainer import Trainer
 
-    lr = getattr(args, "lr", None)
-    if lr is not None and not (math.isfinite(lr) and lr > 0):
-        raise RunError(f"--lr must be a positive number, got {lr}")
-    if command == "train" and args.steps < 1:
-        raise RunError(f"--steps must be >= 1, got {args.steps}")
-    trainer = Trainer(args.artifacts, checkpoint=args.checkpoint, lr=lr)
-    skip = getattr(args, "skip_nonfinite", False)
-    data = load_data(args.data, trainer.manifest, allow_nonfinite=skip)
     if command == "eval":
-        print(_describe(trainer.evaluate(data), args.data))
+        trainer = Trainer(args.artifacts, checkpoint=args.checkpoint)
+        print(_describe(trainer.evaluate(load_data(args.data, trainer.manifest)), args.data))
         return 0
+    save = args.save or args.artifacts / "trained_checkpoint"
+    start = training_run.start_checkpoint(save, args.checkpoint, resume=args.resume, restart=args.restart)
+    trainer = Trainer(args.artifacts, checkpoint=start, lr=args.lr)
+    training_run.check_outputs(trainer, save, args.export)
+    skip = args.skip_nonfinite
+    data = load_data(args.data, trainer.manifest, allow_nonfinite=skip)
     eval_data = load_data(args.eval_data, trainer.manifest) if args.eval_data else None
     if eval_data is not None:
         print("before:", _describe(trainer.evaluate(eval_data), args.eval_data), file=sys.stderr)
-    losses = trainer.fit(data, steps=args.steps, seed=args.seed, log_every=args.log_every, skip_nonfinite=skip)
+    options = training_run.RunOptions(
+        steps=args.steps,
+        seed=args.seed,
+        log_every=args.log_every,
+        checkpoint_every=args.checkpoint_every,
+        skip_nonfinite=skip,
+    )
+    # --checkpoint SAVE starts a new run from those weights; --resume continues the run that wrote them.
+    resumed = args.resume and start is not None and start.resolve() == save.resolve()
+    losses = training_run.train(trainer, data, options, save, resumed=resumed)
     finite = [loss for loss in losses if math.isfinite(loss)]
     window = max(1, min(10, len(finite) // 2))
     skipped = f"; skipped {len(losses) - len(finite)} non-finite batches" if len(finite) < len(losses) else ""
@@ -395,12 +413,10 @@ def _run(command: str, args: argparse.Namespace) -> int:
         print(f"trained {len(losses)} steps{skipped}")
     if eval_data is not None:
         print("after:", _describe(trainer.evaluate(eval_data), args.eval_data))
-    save = args.save or args.artifacts / "trained_checkpoint"
-    trainer.save(save)
-    print(f"checkpoint: {save}")
+    print(f"checkpoint: {save} (step {trainer.step})")
     if args.export:
-        trainer.export_inference(args.export)
-        print(f"inference model: {args.export}")
+        worst = training_run.export_checked(trainer, args.export, data)
+        print(f"inference model: {args.export} (matches the trained eval model, max |diff| {worst:.2g})")
     return 0
 
 

@@ -20,6 +20,17 @@ from passes import (
     save_early,
 )
 from passes.base import Plan
+from runtime.manifest import (
+    FORMAT_VERSION,
+    LayersSpec,
+    Manifest,
+    OptimizerSpec,
+    PassesSpec,
+    PlanSpec,
+    SessionOptionsSpec,
+    SourceSpec,
+    TensorSpec,
+)
 from runtime.trainer import sha256_file
 
 from . import __version__
@@ -80,51 +91,52 @@ def write_artifacts(train: TrainingModels, plan: Plan, config: CompileConfig, so
     save_model(train.training, train.directory / "training_model.onnx")
     save_model(train.eval, train.directory / "eval_model.onnx")
     save_model(train.optimizer, train.directory / "optimizer_model.onnx")
-    manifest = build_manifest(train, plan, config, source)
-    manifest["layers"] = {"rows": costs, "totals": totals(costs)}
-    write_manifest(train.directory, manifest)
+    manifest = build_manifest(train, plan, config, source, costs)
+    write_manifest(train.directory, manifest.to_json())
 
 
-def build_manifest(train: TrainingModels, plan: Plan, config: CompileConfig, source: Path) -> dict:
+def build_manifest(
+    train: TrainingModels, plan: Plan, config: CompileConfig, source: Path, costs: list[dict]
+) -> Manifest:
+    """The typed manifest (runtime/manifest.py) of these artifacts; `write_manifest` adds the files' hashes."""
     metadata = {prop.key: prop.value for prop in train.eval.metadata_props}
-    data_inputs = [_value_json(v) for v in train.model_inputs if v.name != train.label_name]
-    labels = [_value_json(v) for v in train.training.graph.input if v.name == train.label_name]
-    return {
-        "format_version": 1,
-        "gfcompile_version": __version__,
-        "source": {"path": str(source), "sha256": sha256_file(source)},
-        "config": config.to_json(),
-        "versions": {"onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__},
-        "passes": {
-            "forward": [pass_name(p) for p in FORWARD_PASSES],
-            "training": [pass_name(p) for p in TRAINING_PASSES],
-        },
-        "plan": {
-            "trainable_convs": plan.trainable_convs,
-            "filtered": plan.filtered,
-            "trainable_params": plan.trainable_params,
-            "frozen_params": plan.frozen_params,
-            "bn_mode": plan.bn_mode,
-            "paper_stride_scaling": plan.paper_stride_scaling,
-            "row_tiles": plan.applied_row_tiles,
-            "row_strategy": plan.row_strategy,
-            "row_tile_trainable": plan.row_tile_trainable,
-        },
-        "inputs": data_inputs,
-        "labels": labels,
-        "outputs": [_value_json(v) for v in train.model_outputs],
-        "loss": train.loss,
-        "ignore_index": config.ignore_index if train.loss == "pixel_cross_entropy" else None,
-        "optimizer": {
-            "type": config.optimizer,
-            "lr": config.lr,
-            "momentum": config.momentum if config.optimizer == "sgd" else None,
-            "weight_decay": config.weight_decay,
-        },
-        "session_options": row_tiling.required_session_options(plan),
-        "preprocess": _json_or_none(metadata.get("preprocessing")),
-        "metadata": metadata,
-    }
+    return Manifest(
+        format_version=FORMAT_VERSION,
+        gfcompile_version=__version__,
+        source=SourceSpec(path=str(source), sha256=sha256_file(source)),
+        config=config.to_json(),
+        versions={"onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__},
+        passes=PassesSpec(
+            forward=tuple(pass_name(p) for p in FORWARD_PASSES),
+            training=tuple(pass_name(p) for p in TRAINING_PASSES),
+        ),
+        plan=PlanSpec(
+            trainable_convs=tuple(plan.trainable_convs),
+            filtered=dict(plan.filtered),
+            trainable_params=tuple(plan.trainable_params),
+            frozen_params=tuple(plan.frozen_params),
+            bn_mode=plan.bn_mode,
+            paper_stride_scaling=plan.paper_stride_scaling,
+            row_tiles=plan.applied_row_tiles,
+            row_strategy=plan.row_strategy,
+            row_tile_trainable=plan.row_tile_trainable,
+        ),
+        inputs=tuple(_tensor_spec(v) for v in train.model_inputs if v.name != train.label_name),
+        labels=tuple(_tensor_spec(v) for v in train.training.graph.input if v.name == train.label_name),
+        outputs=tuple(_tensor_spec(v) for v in train.model_outputs),
+        loss=train.loss,
+        ignore_index=config.ignore_index if train.loss == "pixel_cross_entropy" else None,
+        optimizer=OptimizerSpec(
+            type=config.optimizer,
+            lr=config.lr,
+            momentum=config.momentum if config.optimizer == "sgd" else None,
+            weight_decay=config.weight_decay,
+        ),
+        session_options=SessionOptionsSpec(**row_tiling.required_session_options(plan)),
+        preprocess=_json_or_none(metadata.get("preprocessing")),
+        metadata=metadata,
+        layers=LayersSpec(rows=tuple(costs), totals=totals(costs)),
+    )
 
 
 def tiles_for_budget(model: onnx.ModelProto, plan: Plan, budget_mb: float, report: Reporter) -> int:
@@ -156,13 +168,13 @@ def report_batch_default(model: onnx.ModelProto, config: CompileConfig, report: 
         report(f"batch dim is dynamic; pinning it to {DEFAULT_BATCH_SIZE} (set --batch-size to change)")
 
 
-def _value_json(value: onnx.ValueInfoProto) -> dict:
+def _tensor_spec(value: onnx.ValueInfoProto) -> TensorSpec:
     tensor_type = value.type.tensor_type
-    return {
-        "name": value.name,
-        "shape": [d.dim_value if d.HasField("dim_value") else d.dim_param for d in tensor_type.shape.dim],
-        "dtype": onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type).name,
-    }
+    return TensorSpec(
+        name=value.name,
+        shape=tuple(d.dim_value if d.HasField("dim_value") else d.dim_param for d in tensor_type.shape.dim),
+        dtype=onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type).name,
+    )
 
 
 def _json_or_none(text: str | None):

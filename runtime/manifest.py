@@ -52,11 +52,15 @@ class ManifestError(RunError):
         super().__init__(f"{source}: {where}{problem}")
 
 
-class _Invalid(ValueError):
-    """A problem found while converting; `path` grows as it propagates out of nested values."""
+class _Invalid(RunError):
+    """A field that is wrong; `path` grows as it propagates out of nested values.
+
+    Readers turn it into a ManifestError naming the file; raised while the compiler constructs a
+    manifest (a value it should never produce), it is still one line naming the field.
+    """
 
     def __init__(self, path: str, problem: str):
-        super().__init__(problem)
+        super().__init__(f"manifest: {path}: {problem}")
         self.path, self.problem = path, problem
 
 

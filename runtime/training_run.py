@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+from . import checkpoints
 from .data import Dataset, eval_batches
 from .errors import RunError
 from .trainer import Trainer, check_writable_file
@@ -41,6 +42,11 @@ def start_checkpoint(save: Path, start: Path | None, resume: bool, restart: bool
     """
     if not save.exists():
         return start
+    if not save.is_file() or not checkpoints.record_path(save).is_file():
+        raise RunError(
+            f"{save}: already exists and is not a checkpoint the trainer wrote (no "
+            f"{checkpoints.record_path(save).name} beside it); choose another checkpoint path"
+        )
     if resume:
         return save
     if start is not None and start.resolve() == save.resolve():
