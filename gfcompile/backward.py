@@ -21,6 +21,7 @@ from runtime.signals import STOP_SIGNALS
 
 from .config import CompileConfig
 from .errors import GfError
+from .ort_errors import explain_ort_failure
 from .planning import PARAMETER_INPUTS
 
 # ORT ops whose gradient onnxruntime-training 1.19 cannot build or that our passes cannot see through.
@@ -128,12 +129,13 @@ def build_backward(model: onnx.ModelProto, plan: Plan, config: CompileConfig, di
         )
 
     with _native_output_captured() as captured:
-        failure = _run_isolated(generate)
+        failure = run_isolated(generate)
     if failure is not None and "no space left on device" in failure.lower():
         # The child wrote the models and checkpoint into the staging folder; a full disk is not a graph problem.
         raise GfError(f"{directory.parent}: no space left on device while writing the training models; free some space")
     if failure is not None:
-        raise GfError(f"ORT's gradient builder failed: {failure}{_control_flow_hint(model, failure)}")
+        explained = explain_ort_failure(failure, model, plan)
+        raise GfError(f"ORT's gradient builder failed: {explained}{_control_flow_hint(model, failure)}")
     if captured.get("text") and "error" in captured["text"].lower():
         logging.getLogger(__name__).debug(captured["text"])
     optimizer_model = onnx.load(str(directory / "optimizer_model.onnx"))
@@ -152,7 +154,7 @@ def build_backward(model: onnx.ModelProto, plan: Plan, config: CompileConfig, di
     )
 
 
-def _run_isolated(work: Callable[[], None]) -> str | None:
+def run_isolated(work: Callable[[], None]) -> str | None:
     """Run `work` in a forked child; returns None on success, else a one-line failure.
 
     ORT's C++ gradient builder aborts the whole process (failed assertions) on some graphs, e.g. an If

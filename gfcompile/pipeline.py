@@ -37,6 +37,7 @@ from . import __version__
 from .backward import TrainingModels, build_backward
 from .config import DEFAULT_BATCH_SIZE, CompileConfig
 from .errors import GfError
+from .loadcheck import check_loadable
 from .loading import load_and_validate, pin_shapes
 from .output import (
     check_output_dir,
@@ -82,6 +83,8 @@ def compile_model(model_path: Path, config: CompileConfig, report: Reporter = pr
         train.training = run_passes(TRAINING_PASSES, train.training, plan, stage="training")
         train.training = run_passes(LOWER_PASSES, train.training, plan, stage="lower")
         write_artifacts(train, plan, config, model_path, costs)
+        report("opening the compiled models in onnxruntime ...")
+        check_loadable(train.directory, row_tiling.required_session_options(plan), forward, plan)
         publish(staging, config.output_dir, force=config.force)
     report(f"wrote {config.output_dir}")
     return config.output_dir
