@@ -34,6 +34,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import os
 import re
 from collections import Counter
 from collections.abc import Iterable
@@ -44,6 +45,10 @@ from typing import Any
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+
+from runtime import manifest as runtime_manifest
+from runtime.errors import RunError
+from runtime.manifest import MANIFEST, Manifest
 
 from .errors import GfError
 from .planning import BN_STATISTICS_INPUTS, PARAMETER_INPUTS
@@ -414,15 +419,14 @@ def snapshot(path: Path) -> Snapshot:
     )
 
 
-def read_manifest(directory: Path) -> dict:
-    """The manifest.json of an artifacts folder, or a one-line error saying why it is not one."""
-    manifest_path = directory / "manifest.json"
-    if not manifest_path.is_file():
-        raise GfError(f"{directory}: no manifest.json; expected an artifacts folder written by gfcompile")
+def read_manifest(directory: Path) -> Manifest:
+    """The checked manifest of an artifacts folder, or a one-line error saying why it is not one."""
+    if not (directory / MANIFEST).is_file():
+        raise GfError(f"{directory}: no {MANIFEST}; expected an artifacts folder written by gfcompile")
     try:
-        return json.loads(manifest_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise GfError(f"{manifest_path}: not readable JSON ({exc})") from None
+        return runtime_manifest.read_manifest(directory)
+    except RunError as exc:
+        raise GfError(str(exc)) from None
 
 
 def _artifacts_snapshot(directory: Path) -> Snapshot:
@@ -443,7 +447,7 @@ def _artifacts_snapshot(directory: Path) -> Snapshot:
     data: dict[str, Any] = {
         "format": SNAPSHOT_FORMAT,
         "kind": "artifacts",
-        "manifest": canonical_manifest(manifest),
+        "manifest": canonical_manifest(manifest.to_json()),
         "models": models,
     }
     checkpoint = directory / "checkpoint"
@@ -462,9 +466,20 @@ def _prefixed(section: str, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarr
 
 
 def write_snapshot(snap: Snapshot | dict, path: Path) -> None:
+    """Write the snapshot beside `path` and rename it into place: a full disk leaves no half file."""
     data = snap.data if isinstance(snap, Snapshot) else snap
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(dumps_snapshot(data))
+    path = Path(path)
+    if path.is_dir():
+        raise GfError(f"{path}: is a directory; give --snapshot a file name")
+    temporary = path.with_name(f".{path.name}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary.write_text(dumps_snapshot(data))
+        os.replace(temporary, path)
+    except OSError as exc:
+        raise GfError(f"{path}: cannot write the snapshot ({exc.strerror or exc})") from None
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def dumps_snapshot(data: dict) -> str:
@@ -488,12 +503,64 @@ def dumps_snapshot(data: dict) -> str:
 
 def read_snapshot(path: Path) -> Snapshot:
     try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise GfError(f"{path}: not a readable snapshot ({exc})") from None
+        data = json.loads(Path(path).read_bytes())
+    except OSError as exc:
+        raise GfError(f"{path}: not a readable snapshot ({exc.strerror})") from None
+    except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8, huge numbers, nesting deeper than Python's stack
+        problem = "nested too deeply" if isinstance(exc, RecursionError) else str(exc).splitlines()[0]
+        raise GfError(f"{path}: not a readable snapshot ({problem})") from None
     if not isinstance(data, dict) or data.get("format") != SNAPSHOT_FORMAT:
         raise GfError(f"{path}: not a gfcompile snapshot (expected format {SNAPSHOT_FORMAT!r})")
+    problem = _snapshot_problem(data)
+    if problem:
+        raise GfError(f"{path}: not a gfcompile snapshot ({problem})")
     return Snapshot(str(path), data)
+
+
+def _snapshot_problem(data: dict) -> str | None:
+    """What is wrong with the outline of a snapshot (what compare() reads), or None."""
+    if data.get("kind") not in ("model", "artifacts"):
+        return f"kind must be 'model' or 'artifacts', got {data.get('kind')!r}"
+    models = data.get("models")
+    if not isinstance(models, dict) or not models:
+        return "models must be a non-empty object"
+    for name, model in models.items():
+        if not isinstance(model, dict):
+            return f"models.{name} must be an object"
+        nodes = model.get("nodes")
+        if not isinstance(nodes, list) or not all(_is_node_record(node) for node in nodes):
+            return f"models.{name}.nodes must be a list of node records"
+        for key in ("inputs", "outputs"):
+            values = model.get(key)
+            if not isinstance(values, list) or not all(
+                isinstance(v, dict) and isinstance(v.get("name"), str) and isinstance(v.get("type"), str)
+                for v in values
+            ):
+                return f"models.{name}.{key} must be a list of {{name, type}} records"
+        counts = model.get("op_counts")
+        if not isinstance(counts, dict) or not all(type(c) is int for c in counts.values()):
+            return f"models.{name}.op_counts must be an object of counts"
+        if not isinstance(model.get("initializers"), dict) or not all(
+            isinstance(summary, dict) for summary in model["initializers"].values()
+        ):
+            return f"models.{name}.initializers must be an object of tensor summaries"
+    for key in ("manifest", "parameters"):
+        if key in data and not isinstance(data[key], dict):
+            return f"{key} must be an object"
+    if not all(isinstance(summary, dict) for summary in data.get("parameters", {}).values()):
+        return "parameters must be an object of tensor summaries"
+    return None
+
+
+def _is_node_record(node: Any) -> bool:
+    return (
+        isinstance(node, dict)
+        and isinstance(node.get("op"), str)
+        and all(
+            isinstance(node.get(key), list) and all(isinstance(name, str) for name in node[key])
+            for key in ("inputs", "outputs")
+        )
+    )
 
 
 # --------------------------------------------------------------------------------------------------

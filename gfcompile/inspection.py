@@ -255,12 +255,12 @@ def inspect_artifacts(directory: Path) -> Inspection:
     for name in ("eval_model.onnx", "training_model.onnx"):
         if not (directory / name).is_file():
             raise GfError(f"{directory}: {name} is missing")
-    plan = manifest.get("plan", {})
-    trainable_params = set(plan.get("trainable_params", []))
+    plan = manifest.plan
+    trainable_params = set(plan.trainable_params)
     eval_model = load_onnx(directory / "eval_model.onnx")
-    row_tiles = int(manifest.get("config", {}).get("row_tiles") or 0)
-    rows = _rows(eval_model, plan.get("trainable_convs", []), plan.get("filtered", {}), trainable_params, row_tiles)
-    batch = int(manifest["inputs"][0]["shape"][0])
+    # The plan records the tiles actually applied (--memory-budget picks them; config only has what was asked).
+    rows = _rows(eval_model, list(plan.trainable_convs), plan.filtered, trainable_params, plan.row_tiles)
+    batch = manifest.batch_size
 
     parameters, arrays = (
         checkpoint_parameters(directory / "checkpoint") if (directory / "checkpoint").exists() else ({}, {})
@@ -270,11 +270,11 @@ def inspect_artifacts(directory: Path) -> Inspection:
     constants = sum(_initializer_bytes(init) for init in training.graph.initializer)
     parameter_bytes = sum(int(a.nbytes) for a in arrays.values())
     trainable_bytes = sum(int(arrays[name].nbytes) for name in trainable_params if name in arrays)
-    optimizer = manifest.get("optimizer", {})
+    optimizer = manifest.optimizer
     memory = {
         "parameters": parameter_bytes + constants,
         "gradients": trainable_bytes,
-        "optimizer_state": trainable_bytes * _optimizer_slots(optimizer.get("type"), optimizer.get("momentum")),
+        "optimizer_state": trainable_bytes * _optimizer_slots(optimizer.type, optimizer.momentum),
         "saved_activations": saved,
         "derived_weights": derived,
         "largest_transient": transient,
