@@ -250,9 +250,16 @@ def replace_last_convs(model: nn.Module, n: int, r: int, paper_stride_scaling: b
     if not 0 <= n <= len(convs):
         raise ValueError(f"cannot replace {n} convs, the model has {len(convs)}")
     chosen = convs[len(convs) - n :]
-    for name in chosen:
+    replace_convs(model, dict.fromkeys(chosen, r), paper_stride_scaling)
+    return chosen
+
+
+def replace_convs(model: nn.Module, patch_sizes: dict[str, int], paper_stride_scaling: bool = False) -> None:
+    """Swap the named nn.Conv2d modules for filtered ones, each with its own r (in place)."""
+    for name, r in patch_sizes.items():
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         conv = getattr(parent, attr)
+        if not isinstance(conv, nn.Conv2d):
+            raise ValueError(f"{name!r} is not an nn.Conv2d")
         setattr(parent, attr, GradientFilterConv2d.from_conv(conv, r, paper_stride_scaling))
-    return chosen
