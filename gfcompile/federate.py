@@ -3,8 +3,11 @@
 The ServerApp runs Flower's FedAvg (or FedProx) over the bundle's trainable parameters only;
 the frozen rest of the model is identical on every device and never travels. Before Flower
 averages a round, every reply is checked against the trainable set (names, shapes, dtypes,
-finite values, a positive example count): a bad reply is rejected with a one-line reason and
-the round goes on with the others, as it does for clients that failed (Flower's error replies).
+finite values) and its example count, which weights the average, against what that client was
+assigned (finite, a whole number, 1 to the size of its partition; one node, one partition): a bad
+reply is rejected with a one-line reason and the round goes on with the others, as it does for
+clients that failed (Flower's error replies). An aggregate that is still not finite is dropped:
+the round is skipped and the previous global model kept.
 The global model is evaluated on the held-out test set before the first round and after each
 one, and every round is logged (accuracy, bytes per client, time) to JSON and a PNG plot.
 
@@ -35,6 +38,7 @@ from runtime.data import load_npz
 from runtime.errors import RunError
 from runtime.federated import (
     ARRAYS_KEY,
+    PARTITION_KEY,
     WEIGHT_KEY,
     ClientConfig,
     Expected,
@@ -43,6 +47,7 @@ from runtime.federated import (
     check_arrays,
     expected_arrays,
     from_record,
+    partitions,
     set_trainable,
     to_record,
     trainable_values,
@@ -154,6 +159,7 @@ class RoundRecord:
     clients: list[dict] = field(default_factory=list)  # accepted replies
     failures: list[dict] = field(default_factory=list)  # Flower error replies (crashed clients)
     rejected: list[dict] = field(default_factory=list)  # replies that failed validation
+    skipped: str | None = None  # why the round's aggregate was dropped (the global model stayed as it was)
 
 
 class RoundLog:
@@ -178,32 +184,54 @@ class RoundLog:
         return [asdict(self.rounds[key]) for key in sorted(self.rounds)]
 
 
-def validate_reply(content, expected: Expected) -> tuple[dict[str, np.ndarray], float, int]:
-    """The arrays, example count and wire bytes of one training reply; RunError if it cannot be averaged."""
+def validate_reply(
+    content, expected: Expected, assigned: dict[int, int]
+) -> tuple[dict[str, np.ndarray], int, int, int]:
+    """The arrays, example count, wire bytes and partition of one training reply; RunError if it cannot be averaged.
+
+    `assigned` maps each partition to its sample count: FedAvg weights a reply by its example
+    count, so a count of inf (NaN weights), 1e308 (an overflowing total) or more than the client
+    holds would let one client poison or outweigh the round.
+    """
     if len(content.array_records) != 1 or ARRAYS_KEY not in content.array_records:
         raise RunError(f"the reply must carry exactly one ArrayRecord named '{ARRAYS_KEY}'")
     if len(content.metric_records) != 1:
         raise RunError("the reply must carry exactly one MetricRecord")
     metrics = next(iter(content.metric_records.values()))
+    partition = metrics.get(PARTITION_KEY)
+    if not isinstance(partition, int) or isinstance(partition, bool) or partition not in assigned:
+        raise RunError(f"the reply's '{PARTITION_KEY}' must be one of 0..{len(assigned) - 1}, got {partition!r}")
     weight = metrics.get(WEIGHT_KEY)
-    if not isinstance(weight, int | float) or isinstance(weight, bool) or not weight > 0:
-        raise RunError(f"the reply's '{WEIGHT_KEY}' must be a positive number, got {weight!r}")
+    limit = assigned[partition]
+    if (
+        not isinstance(weight, int | float)
+        or isinstance(weight, bool)
+        or not math.isfinite(weight)
+        or not float(weight).is_integer()
+        or not 1 <= weight <= limit
+    ):
+        raise RunError(
+            f"the reply's '{WEIGHT_KEY}' must be a whole number of examples from 1 to {limit} "
+            f"(partition {partition}'s size), got {weight!r}"
+        )
     record = content.array_records[ARRAYS_KEY]
     try:
         arrays = from_record(record)
     except Exception as exc:  # a corrupted payload from the wire: refuse it, keep the round
         raise RunError(f"the reply's parameters cannot be decoded ({exc})") from None
     check_arrays(arrays, expected, "the client's parameters")
-    return arrays, float(weight), wire_bytes(record)
+    return arrays, int(weight), wire_bytes(record), partition
 
 
 class _TrainableOnly:
     """Validation and logging around a Flower strategy; aggregation itself stays Flower's."""
 
-    def __init__(self, *, expected: Expected, round_log: RoundLog, **kwargs) -> None:
+    def __init__(self, *, expected: Expected, assigned: dict[int, int], round_log: RoundLog, **kwargs) -> None:
         super().__init__(**kwargs)
         self.expected = expected
+        self.assigned = assigned
         self.round_log = round_log
+        self.partition_of_node: dict[int, int] = {}  # the first claim binds: a node cannot switch partitions
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         self.round_log.start(server_round, wire_bytes(arrays))
@@ -212,6 +240,7 @@ class _TrainableOnly:
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         entry = self.round_log.get(server_round)
         accepted = []
+        claimed: set[int] = set()  # partitions already answered this round
         for message in replies:
             node = int(message.metadata.src_node_id)
             if message.has_error():
@@ -220,7 +249,8 @@ class _TrainableOnly:
                 entry.failures.append({"node_id": node, "reason": reason})
                 continue
             try:
-                _, weight, payload = validate_reply(message.content, self.expected)
+                _, weight, payload, partition = validate_reply(message.content, self.expected, self.assigned)
+                self._bind(node, partition, claimed)
             except RunError as exc:
                 LOG.error("round %d: rejected the reply of node %d: %s", server_round, node, exc)
                 entry.rejected.append({"node_id": node, "reason": str(exc)})
@@ -236,11 +266,27 @@ class _TrainableOnly:
                 }
             )
             accepted.append(message)
-        result = super().aggregate_train(server_round, accepted) if accepted else (None, None)
+        arrays, metrics = super().aggregate_train(server_round, accepted) if accepted else (None, None)
         if not accepted:
             LOG.error("round %d: no usable replies; the global model stays as it was", server_round)
+        elif arrays is not None:
+            bad = [name for name, value in from_record(arrays).items() if not np.isfinite(value).all()]
+            if bad:
+                entry.skipped = f"the aggregate of {bad[0]} is not finite ({len(bad)} tensors)"
+                LOG.error("round %d: %s; round skipped, the global model stays as it was", server_round, entry.skipped)
+                arrays = None
         self.round_log.finish(server_round)
-        return result
+        return arrays, metrics
+
+    def _bind(self, node: int, partition: int, claimed: set[int]) -> None:
+        bound = self.partition_of_node.get(node)
+        if bound is not None and bound != partition:
+            raise RunError(f"node {node} answered for partition {bound} before, now claims partition {partition}")
+        owner = next((other for other, part in self.partition_of_node.items() if part == partition), node)
+        if owner != node or partition in claimed:
+            raise RunError(f"partition {partition} already belongs to another node")
+        self.partition_of_node[node] = partition
+        claimed.add(partition)
 
 
 class TrainableFedAvg(_TrainableOnly, FedAvg):
@@ -251,12 +297,13 @@ class TrainableFedProx(_TrainableOnly, FedProx):
     """FedProx: FedAvg on the server, the proximal pull in each client (see runtime.federated)."""
 
 
-def make_strategy(config: FederateConfig, expected: Expected, round_log: RoundLog):
+def make_strategy(config: FederateConfig, expected: Expected, assigned: dict[int, int], round_log: RoundLog):
     # Flower samples max(fraction * connected, min_train_nodes) nodes, counting the connected
     # ones before it waits for them; pinning the minimum keeps round 1 at the full fraction.
     wanted = max(1, math.ceil(config.fraction_train * config.num_clients))
     common = dict(
         expected=expected,
+        assigned=assigned,
         round_log=round_log,
         fraction_train=config.fraction_train,
         fraction_evaluate=0.0,  # the server evaluates the global model on the held-out test set
@@ -274,8 +321,10 @@ def run_server(grid: Grid, config: FederateConfig) -> dict:
     test = load_npz(config.test_data, evaluator.manifest)
     initial = trainable_values(evaluator)
     expected = expected_arrays(evaluator)
+    _, parts = partitions(config.client_config(), config.num_clients)
+    assigned = {partition: len(indices) for partition, indices in enumerate(parts)}
     round_log = RoundLog()
-    strategy = make_strategy(config, expected, round_log)
+    strategy = make_strategy(config, expected, assigned, round_log)
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         start = time.perf_counter()

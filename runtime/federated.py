@@ -27,6 +27,7 @@ from .federated_data import dirichlet_partition
 from .trainer import Trainer, load_manifest
 
 ARRAYS_KEY = "arrays"
+PARTITION_KEY = "partition-id"
 CONFIG_KEY = "config"
 METRICS_KEY = "metrics"
 WEIGHT_KEY = "num-examples"
@@ -192,13 +193,19 @@ def partition_client(config: ClientConfig, partition_id: int, num_partitions: in
     if key not in _CLIENTS:
         if not 0 <= partition_id < num_partitions:
             raise RunError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
-        manifest = load_manifest(Path(config.artifacts), verify=False)  # the client verifies every file below
-        full = load_npz(Path(config.train_data), manifest)
-        batch_size = int(manifest["inputs"][0]["shape"][0])
-        parts = dirichlet_partition(full.y, num_partitions, config.alpha, config.partition_seed, min_size=batch_size)
+        full, parts = partitions(config, num_partitions)
         index = parts[partition_id]
         _CLIENTS[key] = FederatedClient(Path(config.artifacts), Dataset(x=full.x[index], y=full.y[index]), config.lr)
     return _CLIENTS[key]
+
+
+def partitions(config: ClientConfig, num_partitions: int) -> tuple[Dataset, list[np.ndarray]]:
+    """The training set and its Dirichlet split: what each client trains on, and what the server caps
+    each client's reported example count by."""
+    manifest = load_manifest(Path(config.artifacts), verify=False)  # the client verifies every file later
+    full = load_npz(Path(config.train_data), manifest)
+    batch_size = int(manifest["inputs"][0]["shape"][0])
+    return full, dirichlet_partition(full.y, num_partitions, config.alpha, config.partition_seed, min_size=batch_size)
 
 
 def _node_partition(context: Context) -> tuple[int, int]:
@@ -241,7 +248,7 @@ def handle_train(msg: Message, context: Context, config: ClientConfig | None = N
             WEIGHT_KEY: result.num_examples,
             "train-loss": result.loss,
             "payload-bytes": payload,
-            "partition-id": partition_id,
+            PARTITION_KEY: partition_id,
         }
     )
     return Message(RecordDict({ARRAYS_KEY: record, METRICS_KEY: metrics}), reply_to=msg)

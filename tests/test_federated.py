@@ -157,7 +157,8 @@ def _capture_mod(directory: Path, faults: dict | None = None):
     """A Flower mod that saves what each client received and returned, and can inject faults.
 
     It runs inside the simulation's Ray workers, so it reports through files. `faults` maps
-    (round, partition) to "crash" (raise after training, i.e. mid-round) or "bad-shape".
+    (round, partition) to "crash" (raise after training, i.e. mid-round), "bad-shape", or a number
+    (int or float) that replaces the reply's example count (a poisoning client).
     """
     faults = dict(faults or {})
 
@@ -182,6 +183,9 @@ def _capture_mod(directory: Path, faults: dict | None = None):
             arrays = reply.content["arrays"]
             arrays[first] = Array(returned[first])
             reply = Message(RecordDict({"arrays": arrays, "metrics": reply.content["metrics"]}), reply_to=msg)
+            return reply
+        if isinstance(fault, int | float):
+            reply.content["metrics"]["num-examples"] = fault
             return reply
         weight = reply.content["metrics"]["num-examples"]
         np.savez(directory / f"out_r{server_round}_p{partition}.npz", __weight__=np.array(weight), **returned)
@@ -333,3 +337,80 @@ def test_loopback_deployment_three_supernodes_two_rounds_then_shutdown(artifacts
     for entry in log["rounds"][1:]:
         assert sorted(client["partition_id"] for client in entry["clients"]) == [0, 1, 2]
     assert (tmp_path / "out" / "federated.png").is_file()
+
+
+# --- poisoning -------------------------------------------------------------------------------
+
+
+def test_example_counts_are_checked_against_the_assigned_partition(artifacts: Path) -> None:
+    from flwr.app import ArrayRecord, MetricRecord, RecordDict
+
+    from gfcompile.federate import validate_reply
+    from runtime.federated import expected_arrays, to_record
+
+    trainer = Trainer(artifacts)
+    arrays = to_record(trainable_values(trainer))
+    assigned = {0: 40, 1: 25}
+
+    def reply(weight, partition=1, record: ArrayRecord = arrays) -> RecordDict:
+        return RecordDict(
+            {"arrays": record, "metrics": MetricRecord({"num-examples": weight, "partition-id": partition})}
+        )
+
+    assert validate_reply(reply(25), expected_arrays(trainer), assigned)[1:4:2] == (25, 1)
+    assert validate_reply(reply(3.0), expected_arrays(trainer), assigned)[1] == 3
+    for weight in (float("inf"), float("nan"), 1e308, 26, 2.5, 0, -1):
+        with pytest.raises(RunError, match=r"whole number of examples from 1 to 25 \(partition 1's size\)"):
+            validate_reply(reply(weight), expected_arrays(trainer), assigned)
+    for partition in (2, -1, 1.0):
+        with pytest.raises(RunError, match="partition-id' must be one of 0..1"):
+            validate_reply(reply(5, partition), expected_arrays(trainer), assigned)
+
+
+def test_poisoning_clients_are_rejected_in_a_real_simulation(artifacts: Path, tmp_path: Path) -> None:
+    """inf (NaN weights), and two replies of 1e308 (their total overflows, which zeroes the model)."""
+    captured = tmp_path / "captured"
+    captured.mkdir()
+    faults = {(1, 0): float("inf"), (1, 1): 1e308, (1, 2): 1e308}
+    config = FederateConfig(
+        artifacts=artifacts, train_data=TRAIN, test_data=TEST, out=tmp_path / "out", num_clients=4, rounds=2,
+        local_steps=1,
+    )  # fmt: skip
+    log = simulate(config, client_mods=[_capture_mod(captured, faults)])
+    first, second = log["rounds"][1], log["rounds"][2]
+    assert [client["partition_id"] for client in first["clients"]] == [3]
+    assert len(first["rejected"]) == 3 and first["skipped"] is None
+    assert all("whole number of examples" in entry["reason"] for entry in first["rejected"])
+    # The global model after round 1 is the honest client's reply, finite and not zeroed.
+    sent, _ = _received(captured, 2, 0)
+    _assert_close(sent, _fedavg(captured, 1))
+    assert all(np.isfinite(value).all() and np.abs(value).max() > 0 for value in sent.values())
+    assert len(second["clients"]) == 4 and not second["rejected"]
+
+
+def test_a_non_finite_aggregate_skips_the_round(artifacts: Path, tmp_path: Path, monkeypatch) -> None:
+    """With the reply check switched off (a gap in validation), an inf example count makes FedAvg's
+    aggregate NaN: the round is dropped and the next round starts from the previous global model."""
+    import gfcompile.federate as federate
+    from runtime.federated import from_record
+
+    def unchecked(content, expected, assigned):  # accepts what validate_reply would refuse
+        metrics = content["metrics"]
+        return from_record(content["arrays"]), metrics["num-examples"], 0, int(metrics["partition-id"])
+
+    monkeypatch.setattr(federate, "validate_reply", unchecked)
+    captured = tmp_path / "captured"
+    captured.mkdir()
+    config = FederateConfig(
+        artifacts=artifacts, train_data=TRAIN, test_data=TEST, out=tmp_path / "out", num_clients=2, rounds=2,
+        local_steps=1,
+    )  # fmt: skip
+    log = simulate(config, client_mods=[_capture_mod(captured, {(1, 0): float("inf")})])
+    first, second = log["rounds"][1], log["rounds"][2]
+    assert "is not finite" in first["skipped"] and second["skipped"] is None
+    initial, _ = _received(captured, 1, 1)
+    after_skip, _ = _received(captured, 2, 1)
+    _assert_close(after_skip, initial)  # round 1 changed nothing
+    final = dict(np.load(tmp_path / "out" / PARAMS_NAME))
+    assert all(np.isfinite(value).all() for value in final.values())
+    _assert_close(final, _fedavg(captured, 2))
