@@ -218,6 +218,58 @@ class BundleSpec:
 
 
 @dataclass(frozen=True)
+class PortableStateSpec:
+    """One optimizer state tensor of a parameter: its train-step input and updated output."""
+
+    name: str
+    input: str
+    output: str
+
+
+@dataclass(frozen=True)
+class PortableParameterSpec:
+    """A trainable parameter of the portable train step: its input, updated output and optimizer state."""
+
+    name: str
+    input: str
+    output: str
+    state: tuple[PortableStateSpec, ...] = ()
+
+
+@dataclass(frozen=True)
+class PortableSpec:
+    """The portable artifacts (gfcompile/train_step.py), which train on plain onnxruntime: their
+    files and the train step's input/output names. `inference_patches` gives, per trainable
+    parameter, the [offset, length] of its bytes in the inference template."""
+
+    train_step: str
+    eval_step: str
+    inference_template: str
+    frozen_data: str
+    checkpoint: str
+    data_inputs: tuple[str, ...]
+    label_input: str
+    loss_output: str
+    model_outputs: tuple[str, ...]
+    step_input: str
+    lr_input: str
+    gradient_norm_output: str
+    parameters: tuple[PortableParameterSpec, ...]
+    optimizer: dict[str, Any]
+    inference_patches: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for key in ("train_step", "eval_step", "inference_template", "frozen_data", "checkpoint"):
+            _safe_file_name(getattr(self, key), key)
+        for name, patch in self.inference_patches.items():
+            _require(
+                len(patch) == 2 and all(v >= 0 for v in patch),
+                f"inference_patches[{name!r}]",
+                "expected [offset, length]",
+            )
+
+
+@dataclass(frozen=True)
 class Manifest:
     format_version: int
     source: SourceSpec
@@ -238,6 +290,7 @@ class Manifest:
     layers: LayersSpec | None = field(default=None, metadata=_SECTION)
     files: dict[str, str] = field(default_factory=dict)  # file name -> sha256, written last
     bundle: BundleSpec | None = field(default=None, metadata=_SECTION)
+    portable: PortableSpec | None = field(default=None, metadata=_SECTION)
     extra: dict[str, Any] = field(default_factory=dict)  # entries this runtime does not read, kept as they are
 
     def __post_init__(self) -> None:
@@ -457,7 +510,7 @@ def _convert_dataclass(value: Any, cls: type, path: str) -> Any:
         raise _Invalid(path, f"expected an object, got {_json_kind(value)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    known = {name for name in fields if name != "extra"}
+    known = [name for name in fields if name != "extra"]  # in declaration order: the first missing is named
     unknown = [key for key in value if key not in known]
     if unknown and "extra" not in fields:
         raise _Invalid(_join(path, unknown[0]), "unknown entry")
