@@ -1,29 +1,24 @@
-"""Deciding what happens to each layer: the Plan that every pass reads."""
+"""Deciding what happens to each layer: the Plan that every pass reads.
+
+`select_layers` picks the last N convs in graph order, their patch sizes and the parameters
+that train; `explain_selection` says per conv why it was picked or not (for `inspect`);
+`untrained_initializers` lists float initializers of the trained part that are neither
+trained nor frozen for a stated reason, which the pipeline reports.
+"""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import onnx
 from onnx import helper
 
 from passes.base import ConvLayer, Plan
+from passes.parameters import BN_STATISTICS_INPUTS, PARAMETER_INPUTS, VIEW_OPS
 
 from .config import CompileConfig
 from .errors import GfError
-
-# Initializer inputs (by position) that are learnable parameters of an op.
-PARAMETER_INPUTS: dict[str, tuple[int, ...]] = {
-    "Conv": (1, 2),
-    "ConvTranspose": (1, 2),
-    "Gemm": (1, 2),
-    "MatMul": (0, 1),
-    "BatchNormalization": (1, 2),
-    "InstanceNormalization": (1, 2),
-    "LayerNormalization": (1, 2),
-    "PRelu": (1,),
-}
-BN_STATISTICS_INPUTS = (3, 4)
 
 
 def tensor_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
@@ -129,26 +124,15 @@ def select_layers(model: onnx.ModelProto, config: CompileConfig) -> Plan:
 
     trainable = layers[count - n_train :]
     filtered = layers[count - n_filter :] if n_filter else []
-    patch_sizes = {layer.node: _patch_size(layer, config) for layer in filtered}
-    for layer in filtered:
-        r = patch_sizes[layer.node]
-        if r < 1:
-            raise GfError(f"patch size must be >= 1, got {r} for conv {layer.node!r}")
-        if r > max(layer.y_shape[2:]):
-            raise GfError(
-                f"patch size {r} is larger than conv {layer.node!r}'s output "
-                f"{layer.y_shape[2]}x{layer.y_shape[3]}; use a smaller --patch-size, or give this layer "
-                f"its own r with --patch-size-map (keys: conv node or weight names, e.g. {layer.weight!r})"
-            )
-    unknown = set(config.patch_size_map) - {
-        key for layer in filtered for key in (layer.node, layer.weight, layer.weight.rsplit(".", 1)[0])
-    }
+    patch_sizes, fitted = _fit_patch_sizes(filtered, config)
+    unknown = set(config.patch_size_map) - {key for layer in filtered for key in _patch_size_keys(layer)}
     if unknown:
         raise GfError(f"--patch-size-map names layers that are not filtered: {sorted(unknown)}")
 
     nodes = list(model.graph.node)
     first_trainable = next(i for i, node in enumerate(nodes) if node.name == trainable[0].node)
     initializers = {init.name: init for init in model.graph.initializer}
+    sources = view_sources(model)
     trainable_params: list[str] = []
     frozen_params: list[str] = []
     trainable_bns = {layer.bn for layer in trainable if layer.bn}
@@ -164,17 +148,20 @@ def select_layers(model: onnx.ModelProto, config: CompileConfig) -> Plan:
         else:
             in_trainable_part = position >= first_trainable
         for slot in slots:
-            if slot < len(node.input) and node.input[slot] in initializers:
-                name = node.input[slot]
-                if initializers[name].data_type != onnx.TensorProto.FLOAT:
-                    continue
-                target = trainable_params if in_trainable_part else frozen_params
-                if name not in trainable_params and name not in frozen_params:
-                    target.append(name)
+            if slot >= len(node.input):
+                continue
+            # A weight may reach its op through views (convnext: Linear weight -> Transpose -> MatMul).
+            name = sources.get(node.input[slot], node.input[slot])
+            if name not in initializers or initializers[name].data_type != onnx.TensorProto.FLOAT:
+                continue
+            target = trainable_params if in_trainable_part else frozen_params
+            if name not in trainable_params and name not in frozen_params:
+                target.append(name)
     return Plan(
         convs=layers,
         trainable_convs=[layer.node for layer in trainable],
         filtered=patch_sizes,
+        fitted_patch_sizes=fitted,
         trainable_params=trainable_params,
         frozen_params=frozen_params,
         bn_mode=config.bn_mode,
@@ -190,8 +177,159 @@ def _follows_frozen_conv(bn_node: onnx.NodeProto, layers: list[ConvLayer], train
     return any(layer.bn == bn_node.name and layer.node not in trainable_names for layer in layers)
 
 
-def _patch_size(layer: ConvLayer, config: CompileConfig) -> int:
-    for key in (layer.node, layer.weight, layer.weight.rsplit(".", 1)[0]):
+def _fit_patch_sizes(filtered: list[ConvLayer], config: CompileConfig) -> tuple[dict[str, int], dict[str, int]]:
+    """Patch size r of each filtered conv, and the convs whose r was lowered to fit their output.
+
+    The global --patch-size shrinks to the largest r that fits a small output map (the 1x1 maps of
+    squeeze-excitation convs get r=1: an exact backward, so they leave the filtered set). An r the
+    user gave a layer in --patch-size-map is taken as asked, and refused if it does not fit.
+    """
+    patch_sizes: dict[str, int] = {}
+    fitted: dict[str, int] = {}
+    for layer in filtered:
+        explicit = _explicit_patch_size(layer, config)
+        r = explicit if explicit is not None else config.patch_size
+        if r < 1:
+            raise GfError(f"patch size must be >= 1, got {r} for conv {layer.node!r}")
+        largest = max(layer.y_shape[2:])
+        if r > largest and explicit is not None:
+            raise GfError(
+                f"patch size {r} (set for this layer in --patch-size-map) is larger than conv {layer.node!r}'s "
+                f"output {layer.y_shape[2]}x{layer.y_shape[3]}; give it at most {largest}"
+            )
+        if r > largest:
+            fitted[layer.node] = r = largest
+        if r > 1 or explicit is not None:
+            patch_sizes[layer.node] = r
+    return patch_sizes, fitted
+
+
+def _explicit_patch_size(layer: ConvLayer, config: CompileConfig) -> int | None:
+    for key in _patch_size_keys(layer):
         if key in config.patch_size_map:
             return int(config.patch_size_map[key])
-    return config.patch_size
+    return None
+
+
+def _patch_size_keys(layer: ConvLayer) -> tuple[str, str, str]:
+    return (layer.node, layer.weight, layer.weight.rsplit(".", 1)[0])
+
+
+def view_sources(model: onnx.ModelProto) -> dict[str, str]:
+    """Tensor -> the initializer it views, for outputs of chains of VIEW_OPS that start at an initializer."""
+    initializers = {init.name for init in model.graph.initializer}
+    sources: dict[str, str] = {}
+    for node in model.graph.node:  # graph order is topological: a chain's head is seen first
+        if node.op_type not in VIEW_OPS or not node.input or not node.output:
+            continue
+        head = node.input[0]
+        origin = head if head in initializers else sources.get(head)
+        if origin is not None:
+            sources[node.output[0]] = origin
+    return sources
+
+
+@dataclass(frozen=True)
+class LayerChoice:
+    """One conv's part in the plan, and why (see `explain_selection`)."""
+
+    conv: str
+    index: int  # position among the convs, in graph order
+    status: str  # "frozen", "trained (exact)" or "filtered (r=...)"
+    reason: str
+
+
+def explain_selection(model: onnx.ModelProto, plan: Plan) -> list[LayerChoice]:
+    """Why each conv trains, is filtered or stays frozen under `plan`.
+
+    "Last N" counts convs in the graph's node order (a topological order). On multi-branch
+    nets that order interleaves branches, so the reasons also name frozen convs whose output
+    still flows into the trained part, and the trained convs of a branch that was cut.
+    """
+    trainable = set(plan.trainable_convs)
+    count, n_train = len(plan.convs), len(plan.trainable_convs)
+    first_trained = min((layer.index for layer in plan.convs if layer.node in trainable), default=count)
+    feeds_trained = _convs_feeding(model, plan, trainable)
+    choices = []
+    for layer in plan.convs:
+        from_end = count - layer.index
+        if layer.node in trainable:
+            filtered = layer.node in plan.filtered
+            status = f"filtered (r={plan.filtered[layer.node]})" if filtered else "trained (exact)"
+            reason = f"#{from_end} from the end in graph order, within the last {n_train}"
+            fitted = plan.fitted_patch_sizes.get(layer.node)
+            if fitted is not None:
+                reason += f"; output {layer.y_shape[2]}x{layer.y_shape[3]} is smaller than the patch size, " + (
+                    "so r=1: exact backward" if fitted == 1 else f"so r={fitted}, the largest that fits"
+                )
+        else:
+            status = "frozen"
+            reason = (
+                f"#{from_end} from the end in graph order, before the first trained conv (#{count - first_trained})"
+            )
+            if layer.node in feeds_trained:
+                reason += (
+                    f"; its output joins the trained part at {feeds_trained[layer.node]!r} (a parallel branch or skip)"
+                )
+        choices.append(LayerChoice(layer.node, layer.index, status, reason))
+    return choices
+
+
+def _convs_feeding(model: onnx.ModelProto, plan: Plan, trainable: set[str]) -> dict[str, str]:
+    """Frozen conv -> the first node after the first trained conv that reads its output through
+    non-conv ops: a parallel branch or a skip connection that joins the trained part."""
+    nodes = list(model.graph.node)
+    position = {node.name: index for index, node in enumerate(nodes)}
+    start = min((position[name] for name in trainable if name in position), default=len(nodes))
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in nodes:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    found: dict[str, str] = {}
+    for layer in plan.convs:
+        if layer.node in trainable:
+            continue
+        frontier, seen, joins = [layer.output], set(), []
+        while frontier:
+            tensor = frontier.pop()
+            if tensor in seen:
+                continue
+            seen.add(tensor)
+            for reader in consumers.get(tensor, []):
+                if position[reader.name] > start:
+                    joins.append(reader)
+                elif reader.op_type != "Conv":
+                    frontier.extend(reader.output)
+        if joins:
+            found[layer.node] = min(joins, key=lambda node: position[node.name]).name
+    return found
+
+
+def untrained_initializers(model: onnx.ModelProto, plan: Plan) -> list[str]:
+    """Float initializers read in the trained part that neither train nor are frozen for a reason.
+
+    The trained part is every node from the first trained conv on, in graph order. Trained:
+    `plan.trainable_params`. Frozen for a reason: BatchNormalization running statistics, and
+    parameters of frozen layers (`plan.frozen_params`). What remains is, e.g., a scale that a
+    model multiplies in with Mul (ConvNeXt's layer_scale): it keeps its value, and the user
+    should hear about it. Constants that legalize passes emit are Constant nodes, not initializers.
+    """
+    nodes = list(model.graph.node)
+    if not plan.trainable_convs:
+        return []
+    names = [node.name for node in nodes]
+    first = names.index(plan.trainable_convs[0]) if plan.trainable_convs[0] in names else 0
+    initializers = {init.name: init for init in model.graph.initializer}
+    sources = view_sources(model)
+    accounted = set(plan.trainable_params) | set(plan.frozen_params)
+    unexplained: list[str] = []
+    for node in nodes[first:]:
+        if node.op_type in VIEW_OPS:
+            continue
+        for tensor in node.input:
+            name = sources.get(tensor, tensor)
+            init = initializers.get(name)
+            if init is None or init.data_type != onnx.TensorProto.FLOAT or name in accounted or name in unexplained:
+                continue
+            unexplained.append(name)
+    return unexplained

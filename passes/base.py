@@ -83,6 +83,9 @@ class Plan:
     convs: list[ConvLayer]
     trainable_convs: list[str] = field(default_factory=list)
     filtered: dict[str, int] = field(default_factory=dict)
+    # Filtered convs whose output map was smaller than --patch-size: conv -> the r they got instead
+    # (the largest that fits; 1 means an exact backward, and the conv is then not in `filtered`).
+    fitted_patch_sizes: dict[str, int] = field(default_factory=dict)
     trainable_params: list[str] = field(default_factory=list)
     frozen_params: list[str] = field(default_factory=list)
     bn_mode: Literal["eval", "train", "frozen"] = "eval"

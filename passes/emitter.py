@@ -34,6 +34,13 @@ class Emitter:
     def const(self, local: str, values: np.ndarray) -> gs.Constant:
         return gs.Constant(self.name(local), np.ascontiguousarray(values))
 
+    def constant_node(self, local: str, values: np.ndarray) -> gs.Variable:
+        """`values` as the output of a Constant node rather than an initializer: an op's constant
+        operand (an interpolation matrix, an activation's alpha) that the planner, which takes float
+        initializers in parameter inputs for layer parameters, must never count as one."""
+        value = gs.Constant(self.name(f"{local}_value"), np.ascontiguousarray(values))
+        return self.op("Constant", local, [], value.shape, dtype=value.dtype, attrs={"value": value})
+
     def ints(self, values: Sequence[int], local: str | None = None) -> gs.Constant:
         """An int64 1-D constant; without `local`, one shared constant per distinct value list."""
         key = tuple(int(v) for v in values)

@@ -1,0 +1,32 @@
+"""Which op inputs hold a layer's parameters, and how a weight may reach them. Not a pass.
+
+The planner (gfcompile/planning.py) decides from these which initializers train;
+untie_parameters uses the same tables to give every such use its own tensor.
+"""
+
+from __future__ import annotations
+
+# Inputs (by position) of an op that are learnable parameters when they are initializers.
+PARAMETER_INPUTS: dict[str, tuple[int, ...]] = {
+    "Conv": (1, 2),
+    "ConvTranspose": (1, 2),
+    "Gemm": (1, 2),
+    "MatMul": (0, 1),
+    "BatchNormalization": (1, 2),
+    "InstanceNormalization": (1, 2),
+    "LayerNormalization": (1, 2),
+    "PRelu": (1,),
+}
+# BatchNormalization's running mean and variance: model state that never trains.
+BN_STATISTICS_INPUTS = (3, 4)
+
+# Ops that pass a tensor's values through unchanged up to layout, shape or type: a weight that
+# reaches a parameter input through a chain of these (convnext's Linear weight through a
+# Transpose before its MatMul) is still that layer's parameter. Each op's data is its input 0.
+VIEW_OPS = frozenset({"Identity", "Transpose", "Reshape", "Cast", "Unsqueeze", "Squeeze", "Flatten"})
+
+
+def state_slots(op_type: str) -> tuple[int, ...]:
+    """Inputs of `op_type` that hold layer state: its parameters, and BN's running statistics."""
+    slots = PARAMETER_INPUTS.get(op_type, ())
+    return slots + BN_STATISTICS_INPUTS if op_type == "BatchNormalization" else slots
