@@ -32,7 +32,7 @@ import onnx
 import torch
 from torch import nn
 
-__all__ = ["export_onnx", "main"]
+__all__ = ["export_onnx", "main", "prediction_module"]
 
 # The entry of a dict output that is the prediction (torchvision's segmentation models).
 DICT_OUTPUT_KEY = "out"
@@ -54,7 +54,8 @@ class _DictEntry(nn.Module):
         return self._model_forward(x)[self.key]
 
 
-def _single_output(model: nn.Module, dummy: torch.Tensor) -> nn.Module:
+def prediction_module(model: nn.Module, dummy: torch.Tensor) -> nn.Module:
+    """`model` itself, or for a model returning a dict, a view of it returning the dict's "out" entry."""
     with torch.no_grad():
         probe = model(dummy)
     if not isinstance(probe, dict):
@@ -88,7 +89,7 @@ def export_onnx(
     dummy = torch.randn(*input_shape, generator=torch.Generator().manual_seed(0))
     dynamic_axes = {input_name: {0: "batch"}, output_name: {0: "batch"}} if dynamic_batch else None
     try:
-        exported = _single_output(model, dummy)
+        exported = prediction_module(model, dummy)
         with warnings.catch_warnings():
             # The legacy exporter is deprecated but is exactly what we want here.
             warnings.simplefilter("ignore", DeprecationWarning)
