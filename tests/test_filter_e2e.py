@@ -177,7 +177,8 @@ def test_filtered_backward_reads_only_pooled_inputs(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("name", list(ZOO_CASES))
-def test_filtered_training_lowers_loss_on_real_data(tmp_path: Path, name: str) -> None:
+def test_smoke_filtered_training_lowers_loss_on_real_data(tmp_path: Path, name: str) -> None:
+    # A smoke test (a 4x gradient still lowers the loss); test_filtered_step_matches_torch_reference pins the numbers.
     case = _case(name, 64)
     _, onnx_path = export_case(case, tmp_path)
     artifacts = _compile(onnx_path, tmp_path / "artifacts", 4, 2, batch=16, segmentation=case.segmentation, lr=3e-3)

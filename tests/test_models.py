@@ -335,15 +335,21 @@ def test_bundled_data(name: str, labels: set[int]) -> None:
 
 
 def test_bundled_data_is_reproducible() -> None:
-    # The files must be exactly what models/pretrain_digits.py derives.
+    # Every bundled file, images and labels, must be exactly what models/pretrain_digits.py derives.
     x, y = load_digits_images(size=64)
     x_tr, y_tr, x_te, y_te = stratified_split(x, y, test_fraction=0.25, seed=0)
-    bx, by = _load_npz("digits_0to4_test.npz")
-    keep = y_te < 5
-    np.testing.assert_array_equal(bx, x_te[keep])
-    np.testing.assert_array_equal(by, y_te[keep])
-    tx, ty = _load_npz("digits_5to9_train.npz")
-    np.testing.assert_array_equal(ty, y_tr[y_tr >= 5])
+    expected = {
+        "digits_0to4_test.npz": (x_te[y_te < 5], y_te[y_te < 5]),
+        "digits_5to9_train.npz": (x_tr[y_tr >= 5], y_tr[y_tr >= 5]),
+        "digits_5to9_test.npz": (x_te[y_te >= 5], y_te[y_te >= 5]),
+    }
+    assert sorted(path.name for path in DATA_DIR.glob("digits_*.npz")) == sorted(expected)
+    for name, (images, labels) in expected.items():
+        bundled_images, bundled_labels = _load_npz(name)
+        assert len(labels) > 0, name
+        assert bundled_images.dtype == images.dtype and bundled_labels.dtype == labels.dtype, name
+        np.testing.assert_array_equal(bundled_images, images, err_msg=name)
+        np.testing.assert_array_equal(bundled_labels, labels, err_msg=name)
 
 
 def test_bundled_mobilenetv2_digits() -> None:
