@@ -12,12 +12,17 @@ from passes import (
     activation_mask,
     bn_eval_affine,
     cleanup,
+    concat_inputs,
     frozen_bn_fold,
     gradient_filter,
     gradient_filter_fusion,
+    layernorm_outputs,
+    legalize_activations,
+    legalize_resize,
     row_recompute,
     row_tiling,
     save_early,
+    untie_parameters,
 )
 from passes.base import Plan
 from runtime.manifest import (
@@ -47,11 +52,12 @@ from .output import (
     write_manifest,
 )
 from .passrunner import pass_name, passes_before, run_passes
-from .planning import select_layers
+from .planning import select_layers, untrained_initializers
 from .summary import format_table, layer_costs, totals
 
 # Each stage's passes, in order (see passes/base.py for the stages and the pass contract).
-LEGALIZE_PASSES: tuple = ()
+# untie_parameters first: the rewrites after it and the planner then see one tensor per layer input.
+LEGALIZE_PASSES = (untie_parameters, legalize_activations, legalize_resize, layernorm_outputs, concat_inputs)
 FORWARD_PASSES = (frozen_bn_fold, bn_eval_affine, cleanup, row_tiling)
 TRAINING_PASSES = (gradient_filter, gradient_filter_fusion, activation_mask, row_recompute, save_early)
 LOWER_PASSES: tuple = ()
@@ -72,6 +78,7 @@ def compile_model(model_path: Path, config: CompileConfig, report: Reporter = pr
     if config.memory_budget_mb is not None:
         plan.row_tiles = tiles_for_budget(model, plan, config.memory_budget_mb, report)
     report(describe_plan(plan))
+    report_untrained(model, plan, report)
     costs = layer_costs(plan)
     report(format_table(costs))
     forward = run_passes(FORWARD_PASSES, model, plan, stage="forward")
@@ -156,11 +163,27 @@ def tiles_for_budget(model: onnx.ModelProto, plan: Plan, budget_mb: float, repor
 def describe_plan(plan: Plan) -> str:
     trainable = set(plan.trainable_convs)
     filtered = ", ".join(f"{name} (r={r})" for name, r in plan.filtered.items()) or "none"
+    fitted = "".join(
+        f"; {name}: output smaller than the patch size, "
+        + ("exact backward (r=1)" if r == 1 else f"r={r}, the largest that fits")
+        for name, r in plan.fitted_patch_sizes.items()
+    )
     tiling = f"; row tiles: {plan.row_tiles} ({plan.row_strategy})" if plan.row_tiles >= 2 else ""
     return (
         f"{len(plan.convs)} conv layers; training the last {len(trainable)} "
-        f"({len(plan.trainable_params)} parameter tensors); gradient-filtered: {filtered}{tiling}"
+        f"({len(plan.trainable_params)} parameter tensors); gradient-filtered: {filtered}{fitted}{tiling}"
     )
+
+
+def report_untrained(model: onnx.ModelProto, plan: Plan, report: Reporter) -> None:
+    """Name the float initializers of the trained part that keep their values for no stated reason."""
+    unexplained = untrained_initializers(model, plan)
+    if unexplained:
+        shown = ", ".join(unexplained[:6]) + (f", ... ({len(unexplained)} in all)" if len(unexplained) > 6 else "")
+        report(
+            f"note: {len(unexplained)} float initializer(s) in the trained part are not layer parameters "
+            f"(not in a Conv/Gemm/MatMul/norm parameter input) and keep their values: {shown}"
+        )
 
 
 def report_batch_default(model: onnx.ModelProto, config: CompileConfig, report: Reporter) -> None:
