@@ -42,6 +42,8 @@ def start_checkpoint(save: Path, start: Path | None, resume: bool, restart: bool
     """
     if not save.exists():
         return start
+    if save.is_dir():
+        raise RunError(f"{save}: is a directory; give a file name for the checkpoint")
     if not save.is_file() or not checkpoints.record_path(save).is_file():
         raise RunError(
             f"{save}: already exists and is not a checkpoint the trainer wrote (no "
