@@ -128,7 +128,7 @@ def build_backward(model: onnx.ModelProto, plan: Plan, config: CompileConfig, di
             additional_output_names=[output.name for output in model.graph.output],
         )
 
-    with _native_output_captured() as captured:
+    with native_output_captured() as captured:
         failure = run_isolated(generate)
     if failure is not None and "no space left on device" in failure.lower():
         # The child wrote the models and checkpoint into the staging folder; a full disk is not a graph problem.
@@ -235,7 +235,7 @@ def _use_torch_adamw_semantics(optimizer_model: onnx.ModelProto) -> None:
 
 
 @contextlib.contextmanager
-def _native_output_captured():
+def native_output_captured():
     """Capture what ORT's C++ gradient builder prints (it logs every graph transformer at INFO)."""
     captured: dict[str, str] = {}
     sys.stdout.flush()

@@ -15,7 +15,7 @@ import onnx
 
 from passes.base import Plan
 
-from .backward import run_isolated
+from .backward import native_output_captured, run_isolated
 from .errors import GfError
 from .ort_errors import explain_ort_failure
 from .output import MODEL_FILES
@@ -35,8 +35,9 @@ def check_loadable(directory: Path, options: dict, forward: onnx.ModelProto, pla
     def load() -> None:
         from runtime.manifest import SessionOptionsSpec
         from runtime.ort_training import training_api
-        from runtime.trainer import session_options
+        from runtime.trainer import ort_quiet, session_options
 
+        ort_quiet()  # graph-transformer warnings at session creation say nothing about loadability
         api = training_api()
         state = api.CheckpointState.load_checkpoint(str(directory / CHECKPOINT_FILE))
         module = api.Module(
@@ -48,6 +49,8 @@ def check_loadable(directory: Path, options: dict, forward: onnx.ModelProto, pla
         )
         api.Optimizer(str(directory / OPTIMIZER_FILE), module)
 
-    failure = run_isolated(load)
+    # ORT logs graph-transformer warnings from its own environment whatever the severity asked for.
+    with native_output_captured():
+        failure = run_isolated(load)
     if failure is not None:
         raise GfError(f"the compiled models do not load in onnxruntime: {explain_ort_failure(failure, forward, plan)}")
