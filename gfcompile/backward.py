@@ -9,7 +9,7 @@ import signal
 import sys
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
@@ -38,6 +38,8 @@ class TrainingModels:
     label_name: str
     model_inputs: list[onnx.ValueInfoProto]
     model_outputs: list[onnx.ValueInfoProto]
+    # Layer tensor shapes the compile measured that eval_model.onnx leaves symbolic (manifest "shapes").
+    shapes: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def checkpoint(self) -> Path:

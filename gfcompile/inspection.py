@@ -257,7 +257,7 @@ def inspect_artifacts(directory: Path) -> Inspection:
             raise GfError(f"{directory}: {name} is missing")
     plan = manifest.plan
     trainable_params = set(plan.trainable_params)
-    eval_model = load_onnx(directory / "eval_model.onnx")
+    eval_model = with_recorded_shapes(load_onnx(directory / "eval_model.onnx"), manifest.shapes or {})
     # The plan records the tiles actually applied (--memory-budget picks them; config only has what was asked).
     rows = _rows(eval_model, list(plan.trainable_convs), plan.filtered, trainable_params, plan.row_tiles)
     batch = manifest.batch_size
@@ -288,6 +288,35 @@ def inspect_artifacts(directory: Path) -> Inspection:
         f"analytic sum is {_bytes(analytic)} (the graph also keeps ReLU masks, BN inputs and the loss's inputs)"
     )
     return Inspection(str(directory), True, batch, rows, memory, notes)
+
+
+def layer_shapes_to_record(eval_model: onnx.ModelProto, *measured: onnx.ModelProto) -> dict[str, list[int]]:
+    """Static shapes, taken from the models the compiler measured, of the layer tensors (Conv and
+    Gemm inputs and outputs) that `eval_model` leaves without one: what `inspect` needs to read back."""
+    known = tensor_shapes(eval_model)
+    sources: dict[str, tuple[int, ...]] = {}
+    for model in measured:
+        sources.update({name: dims for name, dims in tensor_shapes(model).items() if dims and min(dims) >= 1})
+    recorded = {}
+    for node in eval_model.graph.node:
+        if node.op_type in ("Conv", "Gemm"):
+            for name in (node.input[0], node.output[0]):
+                dims = known.get(name)
+                if (not dims or min(dims) < 1) and name in sources:
+                    recorded[name] = list(sources[name])
+    return recorded
+
+
+def with_recorded_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> onnx.ModelProto:
+    """`model` with the manifest's recorded shapes as value_info (replacing symbolic ones), in place."""
+    if not shapes:
+        return model
+    kept = [value for value in model.graph.value_info if value.name not in shapes]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(kept)
+    for name, dims in shapes.items():
+        model.graph.value_info.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, list(dims)))
+    return model
 
 
 def _optimizer_slots(kind: str | None, momentum: float | None) -> int:

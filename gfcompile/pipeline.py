@@ -42,6 +42,7 @@ from . import __version__
 from .backward import TrainingModels, build_backward
 from .config import DEFAULT_BATCH_SIZE, CompileConfig
 from .errors import GfError
+from .inspection import layer_shapes_to_record
 from .loadcheck import check_loadable
 from .loading import load_and_validate, pin_shapes
 from .output import (
@@ -89,6 +90,7 @@ def compile_model(model_path: Path, config: CompileConfig, report: Reporter = pr
         train = build_backward(forward, plan, config, staging)
         train.training = run_passes(TRAINING_PASSES, train.training, plan, stage="training")
         train.training = run_passes(LOWER_PASSES, train.training, plan, stage="lower")
+        train.shapes = layer_shapes_to_record(train.eval, model, forward)
         write_artifacts(train, plan, config, model_path, costs)
         report("opening the compiled models in onnxruntime ...")
         check_loadable(train.directory, row_tiling.required_session_options(plan), forward, plan)
@@ -146,6 +148,7 @@ def build_manifest(
         preprocess=_json_or_none(metadata.get("preprocessing")),
         metadata=metadata,
         layers=LayersSpec(rows=tuple(costs), totals=totals(costs)),
+        shapes={name: tuple(dims) for name, dims in train.shapes.items()} or None,
     )
 
 

@@ -291,6 +291,9 @@ class Manifest:
     files: dict[str, str] = field(default_factory=dict)  # file name -> sha256, written last
     bundle: BundleSpec | None = field(default=None, metadata=_SECTION)
     portable: PortableSpec | None = field(default=None, metadata=_SECTION)
+    # Static shapes the compiler measured for layer tensors that eval_model.onnx leaves symbolic (e.g.
+    # after a channel shuffle's Reshape); `gfcompile inspect` reads them. Tensor name -> dims.
+    shapes: dict[str, tuple[int, ...]] | None = field(default=None, metadata=_SECTION)
     extra: dict[str, Any] = field(default_factory=dict)  # entries this runtime does not read, kept as they are
 
     def __post_init__(self) -> None:
