@@ -232,3 +232,38 @@ def test_manifest_error_is_a_run_error_with_the_field() -> None:
     with pytest.raises(ManifestError) as caught:
         Manifest.from_json({"format_version": FORMAT_VERSION})
     assert caught.value.field_path == "source" and caught.value.problem == "missing"
+
+
+# ---- inspect reads the tiles the plan applied
+
+
+def test_inspect_reports_memory_budget_tiling_as_tiled_layers(tmp_path: Path) -> None:
+    """--memory-budget sets the plan's row tiles (the config keeps None): inspect must group the band convs.
+
+    Reference: the same model compiled with the --row-tiles the budget picked, which inspect read correctly before.
+    """
+    from gfcompile.inspection import inspect_path
+    from tests.tiny_models import ConvSpec
+
+    model = Path(
+        save(tiny_cnn([ConvSpec(8), ConvSpec(8), ConvSpec(8, stride=2), ConvSpec(8)], (3, 32, 32)), tmp_path / "m.onnx")
+    )
+
+    def compiled_with(name: str, **options) -> Path:
+        config = CompileConfig(train_layers=1, batch_size=2, output_dir=tmp_path / name, **options)
+        return compile_model(model, config, report=lambda message: None)
+
+    untiled = inspect_path(compiled_with("untiled"))
+    budget = compiled_with("budget", memory_budget_mb=0.1)
+    raw = _raw(budget)
+    tiles = raw["plan"]["row_tiles"]
+    assert tiles >= 2 and raw["config"]["row_tiles"] == 0  # what made inspect list one layer per band
+    explicit = inspect_path(compiled_with("explicit", row_tiles=tiles))
+    from_budget = inspect_path(budget)
+
+    def table(inspection) -> list[tuple]:
+        return [(row.name, row.status, row.tiles, row.input_shape) for row in inspection.rows]
+
+    assert table(from_budget) == table(explicit)
+    assert [row.name for row in from_budget.rows] == [row.name for row in untiled.rows]
+    assert {row.status for row in from_budget.rows[:3]} == {"tile"}
