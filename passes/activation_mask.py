@@ -19,36 +19,42 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .base import Plan, Stage
+from .base import Plan, Stage, pass_logger
 from .graph_utils import gradient_dependent_nodes
+from .names import NameAllocator, preferred_mask_name
 
 STAGE: Stage = "training"
 REQUIRES: tuple[str, ...] = ("gradient_filter",)
 FACTS: tuple[str, ...] = ("ort_gradient_graph",)
 
-
-def mask_name(activation: str) -> str:
-    """Name of the bool mask `activation > 0` that replaces the fp32 `activation` in the backward."""
-    return f"{activation}/relu_mask"
+_LOG = pass_logger(__name__)
 
 
 def run(graph: gs.Graph, plan: Plan) -> gs.Graph:
+    """Replace every ReluGrad whose activation nothing else in the backward reads; publish the masks."""
     backward = gradient_dependent_nodes(graph)
-    zero = gs.Constant("activation_mask/zero", np.zeros((), dtype=np.float32))
+    names = NameAllocator(graph)
+    zero = gs.Constant(names.fresh("activation_mask/zero"), np.zeros((), dtype=np.float32))
     for node in [n for n in graph.nodes if n.op == "ReluGrad"]:
         grad_output, activation = node.inputs[0], node.inputs[1]
         other_backward_readers = [c for c in activation.outputs if c is not node and id(c) in backward]
         if other_backward_readers:
+            _LOG.debug(
+                "activation mask: %s is also read by %s; ReluGrad left alone",
+                activation.name,
+                ", ".join(c.name for c in other_backward_readers),
+            )
             continue
-        mask = gs.Variable(mask_name(activation.name), dtype=np.bool_, shape=activation.shape)
-        graph.nodes.append(gs.Node("Greater", mask_name(activation.name), inputs=[activation, zero], outputs=[mask]))
+        mask_name = names.fresh(preferred_mask_name(activation.name))
+        mask = gs.Variable(mask_name, dtype=np.bool_, shape=activation.shape)
+        graph.nodes.append(gs.Node("Greater", mask_name, inputs=[activation, zero], outputs=[mask]))
+        plan.generated.relu_masks[activation.name] = mask_name
         grad_input = node.outputs[0]
         node.outputs.clear()
         node.inputs.clear()
-        graph.nodes.append(
-            gs.Node("Where", f"{grad_input.name}/masked", inputs=[mask, grad_output, zero], outputs=[grad_input])
-        )
-    _bool_masks_instead_of_float(graph, backward, zero)
+        where = names.fresh(f"{grad_input.name}/masked")
+        graph.nodes.append(gs.Node("Where", where, inputs=[mask, grad_output, zero], outputs=[grad_input]))
+    _bool_masks_instead_of_float(graph, backward, zero, names)
     return graph
 
 
@@ -56,7 +62,7 @@ def run(graph: gs.Graph, plan: Plan) -> gs.Graph:
 _BOOL_PRODUCERS = {"And", "Or", "Not", "Xor", "Equal", "Greater", "GreaterOrEqual", "Less", "LessOrEqual"}
 
 
-def _bool_masks_instead_of_float(graph: gs.Graph, backward: set[int], zero: gs.Constant) -> None:
+def _bool_masks_instead_of_float(graph: gs.Graph, backward: set[int], zero: gs.Constant, names: NameAllocator) -> None:
     for cast in [n for n in graph.nodes if n.op == "Cast" and id(n) not in backward]:
         mask = cast.inputs[0]
         is_bool = mask.dtype == np.bool_ or (mask.inputs and mask.inputs[0].op in _BOOL_PRODUCERS)
@@ -70,4 +76,5 @@ def _bool_masks_instead_of_float(graph: gs.Graph, backward: set[int], zero: gs.C
             product = mul.outputs[0]
             mul.inputs.clear()
             mul.outputs.clear()
-            graph.nodes.append(gs.Node("Where", f"{product.name}/masked", inputs=[mask, grad, zero], outputs=[product]))
+            where = names.fresh(f"{product.name}/masked")
+            graph.nodes.append(gs.Node("Where", where, inputs=[mask, grad, zero], outputs=[product]))

@@ -12,6 +12,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .base import Plan, Stage
+from .names import NameAllocator
 
 STAGE: Stage = "forward"
 REQUIRES: tuple[str, ...] = ()
@@ -20,6 +21,7 @@ FACTS: tuple[str, ...] = ()
 
 def run(graph: gs.Graph, plan: Plan) -> gs.Graph:
     nodes_by_name = {node.name: node for node in graph.nodes}
+    names = NameAllocator(graph)
     trainable = set(plan.trainable_convs)
     for layer in plan.convs:
         if layer.node in trainable or layer.bn is None:
@@ -35,8 +37,8 @@ def run(graph: gs.Graph, plan: Plan) -> gs.Graph:
         folded_bias = ((bias - mean) * scale + beta).astype(np.float32)
         conv.inputs = [
             conv.inputs[0],
-            gs.Constant(f"{conv.inputs[1].name}.bnfolded", folded_weight),
-            gs.Constant(f"{conv.inputs[1].name}.bnfolded_bias", folded_bias),
+            gs.Constant(names.fresh(f"{conv.inputs[1].name}.bnfolded"), folded_weight),
+            gs.Constant(names.fresh(f"{conv.inputs[1].name}.bnfolded_bias"), folded_bias),
         ]
         bn_output = bn.outputs[0]
         bn.outputs.clear()

@@ -35,7 +35,7 @@ FLOPs. Hence:
 - grad_W and the channel mix: with few patches, g^ and x~ are transposed to
   channel-major (small tensors) so each is ONE GEMM over batch x patches; with many,
   per-sample batched GEMMs, the FusedMatMul alpha carrying the scale, summed over
-  samples by a MatMul with a row of ones (`_Emitter.sum_leading`);
+  samples by a MatMul with a row of ones (`Emitter.sum_leading`);
 - W~: the taps are summed first (a GEMV whose vector carries the scale), then the small
   C_out x C_in/g matrix is transposed;
 - grad_b: g^ summed over samples, then a GEMV with per-patch weights (ones for sums,
@@ -50,26 +50,30 @@ See benchmarks/layers.py and the README for the measured speed-ups.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import replace
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .base import ConvLayer, Plan, Stage
-from .geometry import FilterGeometry, ceil_div, filter_geometry, tap_plan
+from .base import ConvLayer, Plan, Stage, pass_logger
+from .emitter import MS_DOMAIN, Emitter, redirect
+from .geometry import FilterGeometry, explicit_pads, filter_geometry, g_pool_holds_sums, tap_plan
+from .names import G_POOL, GX_HAT, UPSAMPLE, X_POOL, NameAllocator, in_scope, preferred_filter_scope, scoped
 
 STAGE: Stage = "training"
 REQUIRES: tuple[str, ...] = ()
 FACTS: tuple[str, ...] = ("static_shapes", "ort_gradient_graph")
 
-_LOG = logging.getLogger(__name__)
-_MS_DOMAIN = "com.microsoft"
+_LOG = pass_logger(__name__)
 
 
 def pooled_input_name(conv: str) -> str:
-    """Name of the tensor x~ (N x C_in x p_h x p_w) that the rewritten backward of `conv` reads."""
-    return f"{conv}/gf/x_pool"
+    """The name x~ (N x C_in x p_h x p_w) of `conv` gets when nothing in the graph collides with it.
+
+    Passes ask `plan.generated.filter_tensor(conv, X_POOL)`, which is right in every graph;
+    this is for looking into compiled artifacts of known models.
+    """
+    return scoped(preferred_filter_scope(conv), X_POOL)
 
 
 def run(graph: gs.Graph, plan: Plan) -> gs.Graph:
@@ -77,6 +81,7 @@ def run(graph: gs.Graph, plan: Plan) -> gs.Graph:
     if plan.filtered and graph.opset < 13:
         # ReduceSum/Slice/Pad with tensor axes/pads are opset-13 forms.
         raise ValueError(f"gradient filter needs opset >= 13, the training graph has {graph.opset}")
+    names = NameAllocator(graph)
     for conv_name, r in plan.filtered.items():
         try:
             layer = plan.conv(conv_name)
@@ -86,7 +91,10 @@ def run(graph: gs.Graph, plan: Plan) -> gs.Graph:
         layer = _resolve_auto_pad(layer, forward)
         geom = filter_geometry(layer, r)
         conv_grad = _conv_grad(graph, layer)
-        _rewrite(graph, layer, geom, conv_grad, plan.paper_stride_scaling)
+        em = Emitter(graph, names, preferred_filter_scope(layer.node))
+        _rewrite(em, layer, geom, conv_grad, plan.paper_stride_scaling)
+        plan.generated.filter_scopes[conv_name] = em.scope
+        _LOG.info("gradient filter: %s with r=%d under %s/", conv_name, r, em.scope)
     graph.cleanup().toposort()
     for conv_name, readers in retained_input_readers(graph, plan).items():
         # Not ours to change (e.g. ReluGrad reads the ReLU output that is x), but it decides
@@ -110,8 +118,12 @@ def retained_input_readers(graph: gs.Graph, plan: Plan) -> dict[str, list[str]]:
         x = tensors.get(layer.input)
         if x is None:
             continue
-        own_prefix = f"{layer.node}/gf/"
-        others = [f"{n.name} ({n.op})" for n in x.outputs if n.name != layer.node and not n.name.startswith(own_prefix)]
+        scope = plan.generated.filter_scopes.get(conv_name)
+        others = [
+            f"{n.name} ({n.op})"
+            for n in x.outputs
+            if n.name != layer.node and not (scope is not None and in_scope(scope, n.name))
+        ]
         if others:
             readers[conv_name] = others
     return readers
@@ -135,21 +147,13 @@ def _forward_conv(graph: gs.Graph, layer: ConvLayer) -> gs.Node:
 
 def _resolve_auto_pad(layer: ConvLayer, node: gs.Node) -> ConvLayer:
     """Explicit pads from the node's auto_pad (if any), so the shape check sees real pads."""
-    auto_pad = node.attrs.get("auto_pad", "NOTSET")
-    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
-    if auto_pad in ("NOTSET", ""):
-        return layer
-    if auto_pad == "VALID":
-        return replace(layer, pads=(0, 0, 0, 0))
-    if auto_pad not in ("SAME_UPPER", "SAME_LOWER"):
-        raise ValueError(f"gradient filter on conv {layer.node!r}: unknown auto_pad {auto_pad!r}")
-    begins, ends = [], []
-    for size, k, s, d in zip(layer.x_shape[2:], layer.kernel, layer.strides, layer.dilations, strict=True):
-        total = max(0, (ceil_div(size, s) - 1) * s + (k - 1) * d + 1 - size)
-        small, large = total // 2, total - total // 2
-        begins.append(small if auto_pad == "SAME_UPPER" else large)
-        ends.append(large if auto_pad == "SAME_UPPER" else small)
-    return replace(layer, pads=(begins[0], begins[1], ends[0], ends[1]))
+    try:
+        pads = explicit_pads(
+            node.attrs.get("auto_pad"), layer.pads, layer.x_shape[2:], layer.kernel, layer.strides, layer.dilations
+        )
+    except ValueError as exc:
+        raise ValueError(f"gradient filter on conv {layer.node!r}: {exc}") from None
+    return replace(layer, pads=pads)
 
 
 def _conv_grad(graph: gs.Graph, layer: ConvLayer) -> gs.Node:
@@ -191,61 +195,6 @@ def _conv_grad(graph: gs.Graph, layer: ConvLayer) -> gs.Node:
     return node
 
 
-class _Emitter:
-    """Adds nodes whose node and tensor names are f"{conv}/gf/<name>" (unique, never *_grad)."""
-
-    def __init__(self, graph: gs.Graph, prefix: str) -> None:
-        self.graph = graph
-        self.prefix = f"{prefix}/gf"
-
-    def const(self, name: str, values: np.ndarray) -> gs.Constant:
-        return gs.Constant(f"{self.prefix}/{name}", np.ascontiguousarray(values))
-
-    def ints(self, name: str, values: list[int] | tuple[int, ...]) -> gs.Constant:
-        return self.const(name, np.array(values, dtype=np.int64))
-
-    def op(
-        self,
-        op: str,
-        name: str,
-        inputs: list[gs.Tensor],
-        shape: tuple[int, ...],
-        attrs: dict | None = None,
-        domain: str | None = None,
-    ) -> gs.Variable:
-        out = gs.Variable(f"{self.prefix}/{name}", dtype=np.float32, shape=list(shape))
-        node = gs.Node(op=op, name=f"{self.prefix}/{name}", attrs=attrs or {}, inputs=inputs, outputs=[out])
-        if domain:
-            node.domain = domain
-        self.graph.nodes.append(node)
-        return out
-
-    def reshape(self, name: str, src: gs.Tensor, shape: tuple[int, ...]) -> gs.Variable:
-        return self.op("Reshape", name, [src, self.ints(f"{name}_shape", shape)], shape)
-
-    def reduce_sum(self, name: str, src: gs.Tensor, axes: tuple[int, ...], shape: tuple[int, ...]) -> gs.Variable:
-        return self.op("ReduceSum", name, [src, self.ints(f"{name}_axes", axes)], shape, {"keepdims": 0})
-
-    def sum_leading(self, name: str, src: gs.Tensor, count: int, shape: tuple[int, ...]) -> gs.Variable:
-        """Sum over the leading axis of length `count` (src is `count` x `shape`).
-
-        A K=`count` MatMul with a row of ones: MLAS streams the rows at GEMM speed, where
-        ORT's ReduceSum over a leading axis ran 16x slower (8.8 vs 0.55 ms for 32 x 512^2
-        floats, 2 threads).
-        """
-        size = int(np.prod(shape))
-        rows = self.reshape(f"{name}_rows", src, (count, size))
-        ones = self.const(f"{name}_ones", np.ones((1, count), dtype=np.float32))
-        summed = self.op("MatMul", f"{name}_mm", [ones, rows], (1, size))
-        return self.reshape(name, summed, shape)
-
-    def scale(self, name: str, src: gs.Tensor, factor: float, shape: tuple[int, ...]) -> gs.Tensor:
-        # Only ever applied to small tensors (W~, per-channel sums); skipped when exact 1.
-        if factor == 1.0:
-            return src
-        return self.op("Mul", name, [src, self.const(f"{name}_factor", np.array(factor, dtype=np.float32))], shape)
-
-
 # One MatMul pools a tensor in a single pass when each element feeds at most this many
 # outputs (2 FLOPs each); the two-stage block sum / AveragePool win beyond it (measured
 # at 14x14..120x160 with windows of 3+ rows: a win up to p_w = 20, a tie at 28 (r=4,
@@ -280,7 +229,7 @@ def _block_width(count: int) -> int:
     return count if best < 4 and count <= 48 else best
 
 
-def _block_sum(em: _Emitter, name: str, src: gs.Tensor, shape: tuple[int, ...], b_h: int, b_w: int) -> gs.Variable:
+def _block_sum(em: Emitter, name: str, src: gs.Tensor, shape: tuple[int, ...], b_h: int, b_w: int) -> gs.Variable:
     """Sum over non-overlapping b_h x b_w blocks of an N x C x H x W tensor (H, W divisible)."""
     n, c, h, w = shape
     p_h, p_w = h // b_h, w // b_w
@@ -313,14 +262,14 @@ def _block_sum(em: _Emitter, name: str, src: gs.Tensor, shape: tuple[int, ...], 
     return em.reshape(name, cur, (n, c, p_h, p_w))
 
 
-def _pool_input(em: _Emitter, x: gs.Tensor, layer: ConvLayer, geom: FilterGeometry) -> tuple[gs.Variable, float]:
+def _pool_input(em: Emitter, x: gs.Tensor, layer: ConvLayer, geom: FilterGeometry) -> tuple[gs.Variable, float]:
     """x~ (N x C_in x p_h x p_w) and the factor that turns it into the window SUM."""
     n, c, h, w = layer.x_shape
     p_h, p_w = geom.grid
     R_h, R_w = geom.patch
     pooled = geom.x_pooled_shape
     if geom.x_aligned:
-        return _block_sum(em, "x_pool", x, layer.x_shape, R_h, R_w), 1.0
+        return _block_sum(em, X_POOL, x, layer.x_shape, R_h, R_w), 1.0
     top, left, bottom, right = geom.x_pads
     cur: gs.Tensor = x
     if min(geom.x_pads) < 0:
@@ -331,24 +280,24 @@ def _pool_input(em: _Emitter, x: gs.Tensor, layer: ConvLayer, geom: FilterGeomet
         cur = em.op(
             "Slice",
             "x_crop",
-            [cur, em.ints("x_crop_starts", starts), em.ints("x_crop_ends", ends), em.ints("x_crop_axes", (2, 3))],
+            [cur, em.ints(starts, "x_crop_starts"), em.ints(ends, "x_crop_ends"), em.ints((2, 3), "x_crop_axes")],
             (n, c, h, w),
         )
     pads = tuple(max(p, 0) for p in geom.x_pads)
     if pads == (0, 0, 0, 0):
-        return _block_sum(em, "x_pool", cur, (n, c, h, w), R_h, R_w), 1.0
+        return _block_sum(em, X_POOL, cur, (n, c, h, w), R_h, R_w), 1.0
     if max(pads[0], pads[2]) < R_h and max(pads[1], pads[3]) < R_w:
         # One op: zero padding adds nothing, count_include_pad=1 divides by exactly R_h*R_w.
         attrs = {"kernel_shape": [R_h, R_w], "strides": [R_h, R_w], "pads": list(pads), "count_include_pad": 1}
-        return em.op("AveragePool", "x_pool", [cur], pooled, attrs), float(R_h * R_w)
+        return em.op("AveragePool", X_POOL, [cur], pooled, attrs=attrs), float(R_h * R_w)
     # Pads of a whole window or more (unusual conv pads): pad explicitly, then block-sum.
     padded = em.op(
         "Pad",
         "x_padded",
-        [cur, em.ints("x_padded_pads", (0, 0, pads[0], pads[1], 0, 0, pads[2], pads[3]))],
+        [cur, em.ints((0, 0, pads[0], pads[1], 0, 0, pads[2], pads[3]), "x_padded_pads")],
         (n, c, p_h * R_h, p_w * R_w),
     )
-    return _block_sum(em, "x_pool", padded, (n, c, p_h * R_h, p_w * R_w), R_h, R_w), 1.0
+    return _block_sum(em, X_POOL, padded, (n, c, p_h * R_h, p_w * R_w), R_h, R_w), 1.0
 
 
 def _window_matrix(size: int, r: int, begin: int, count: int) -> np.ndarray:
@@ -359,7 +308,7 @@ def _window_matrix(size: int, r: int, begin: int, count: int) -> np.ndarray:
 
 
 def _pool_grad(
-    em: _Emitter, g_y: gs.Tensor, layer: ConvLayer, geom: FilterGeometry
+    em: Emitter, g_y: gs.Tensor, layer: ConvLayer, geom: FilterGeometry
 ) -> tuple[gs.Tensor, float, np.ndarray]:
     """g^ as (tensor, factor to the MEAN, per-patch weights whose dot with g^ is the window sum).
 
@@ -374,8 +323,8 @@ def _pool_grad(
     counts = np.outer(rows.sum(axis=0), cols.sum(axis=0)).reshape(-1)
     if r == 1:
         return g_y, 1.0, counts
-    if geom.g_aligned:
-        return _block_sum(em, "g_pool", g_y, layer.y_shape, r, r), 1.0 / (r * r), np.ones_like(counts)
+    if g_pool_holds_sums(geom):
+        return _block_sum(em, G_POOL, g_y, layer.y_shape, r, r), 1.0 / (r * r), np.ones_like(counts)
     # Dividing the 0/1 windows by their counts makes the MatMul forms below exact means.
     rows, cols = rows / rows.sum(axis=0), cols / cols.sum(axis=0)
     to_mean, weights = 1.0, counts
@@ -383,59 +332,65 @@ def _pool_grad(
     if rows_whole and _one_pass(p_w, r):
         # r whole rows are contiguous: (N*C*p_h, r*W) @ (r*W, p_w) reads g_y once.
         matrix = np.tile(cols, (r, 1)) / r
-        flat = em.reshape("g_pool_rows", g_y, (n * c * p_h, r * w))
+        flat = em.reshape(f"{G_POOL}_rows", g_y, (n * c * p_h, r * w))
         pooled = em.op(
-            "MatMul", "g_pool_mm", [flat, em.const("g_pool_matrix", matrix.astype(np.float32))], (n * c * p_h, p_w)
+            "MatMul",
+            f"{G_POOL}_mm",
+            [flat, em.const(f"{G_POOL}_matrix", matrix.astype(np.float32))],
+            (n * c * p_h, p_w),
         )
-        return em.reshape("g_pool", pooled, geom.g_pooled_shape), to_mean, weights
+        return em.reshape(G_POOL, pooled, geom.g_pooled_shape), to_mean, weights
     if p_h * p_w <= _ONE_PASS_MAX_OUTPUTS:
         # Every window at once (any pads): (N*C, H*W) @ kron(rows, cols).
         matrix = np.kron(rows, cols)
-        flat = em.reshape("g_pool_rows", g_y, (n * c, h * w))
+        flat = em.reshape(f"{G_POOL}_rows", g_y, (n * c, h * w))
         pooled = em.op(
-            "MatMul", "g_pool_mm", [flat, em.const("g_pool_matrix", matrix.astype(np.float32))], (n * c, p_h * p_w)
+            "MatMul",
+            f"{G_POOL}_mm",
+            [flat, em.const(f"{G_POOL}_matrix", matrix.astype(np.float32))],
+            (n * c, p_h * p_w),
         )
-        return em.reshape("g_pool", pooled, geom.g_pooled_shape), to_mean, weights
+        return em.reshape(G_POOL, pooled, geom.g_pooled_shape), to_mean, weights
     if p_w <= _SEPARABLE_MAX_OUTPUTS:
         # Columns then rows, each a MatMul with its 1/count window matrix (the mean is
         # separable): the first reads g_y once, the second only the r times smaller result.
         cols_sum = em.op(
             "MatMul",
-            "g_pool_sep_cols",
+            f"{G_POOL}_sep_cols",
             [
-                em.reshape("g_pool_sep_in", g_y, (n * c * h, w)),
-                em.const("g_pool_sep_cols_matrix", cols.astype(np.float32)),
+                em.reshape(f"{G_POOL}_sep_in", g_y, (n * c * h, w)),
+                em.const(f"{G_POOL}_sep_cols_matrix", cols.astype(np.float32)),
             ],
             (n * c * h, p_w),
         )
-        planes = em.reshape("g_pool_sep_planes", cols_sum, (n * c, h, p_w))
+        planes = em.reshape(f"{G_POOL}_sep_planes", cols_sum, (n * c, h, p_w))
         # A 2-D left operand broadcasts over the N*C planes: (p_h, H) @ (N*C, H, p_w).
-        row_windows = em.const("g_pool_sep_rows_matrix", np.ascontiguousarray(rows.T).astype(np.float32))
-        pooled = em.op("MatMul", "g_pool_sep_rows", [row_windows, planes], (n * c, p_h, p_w))
-        return em.reshape("g_pool", pooled, geom.g_pooled_shape), to_mean, weights
+        row_windows = em.const(f"{G_POOL}_sep_rows_matrix", np.ascontiguousarray(rows.T).astype(np.float32))
+        pooled = em.op("MatMul", f"{G_POOL}_sep_rows", [row_windows, planes], (n * c, p_h, p_w))
+        return em.reshape(G_POOL, pooled, geom.g_pooled_shape), to_mean, weights
     # Border windows are partly outside the image: count_include_pad=0 divides by the
     # in-image count, which is the exact mean the method defines.
     attrs = {"kernel_shape": [r, r], "strides": [r, r], "pads": list(geom.g_pads), "count_include_pad": 0}
-    return em.op("AveragePool", "g_pool", [g_y], geom.g_pooled_shape, attrs), to_mean, weights
+    return em.op("AveragePool", G_POOL, [g_y], geom.g_pooled_shape, attrs=attrs), to_mean, weights
 
 
-def _window(em: _Emitter, name: str, src: gs.Tensor, shape: tuple[int, ...], axis: int, start: int, length: int):
+def _window(em: Emitter, name: str, src: gs.Tensor, shape: tuple[int, ...], axis: int, start: int, length: int):
     """src[start : start + length] on `axis`, zero-filled outside src (Slice or Pad)."""
     size = shape[axis]
     if start == 0 and length == size:
         return src, shape
     out_shape = tuple(length if i == axis else d for i, d in enumerate(shape))
     if start >= 0 and start + length <= size:
-        inputs = [src, em.ints(f"{name}_starts", (start,)), em.ints(f"{name}_ends", (start + length,))]
-        return em.op("Slice", name, [*inputs, em.ints(f"{name}_axes", (axis,))], out_shape), out_shape
+        inputs = [src, em.ints((start,), f"{name}_starts"), em.ints((start + length,), f"{name}_ends")]
+        return em.op("Slice", name, [*inputs, em.ints((axis,), f"{name}_axes")], out_shape), out_shape
     if start <= 0 and start + length >= size:
         pads = [0] * 8
         pads[axis], pads[4 + axis] = -start, start + length - size
-        return em.op("Pad", name, [src, em.ints(f"{name}_pads", pads)], out_shape), out_shape
+        return em.op("Pad", name, [src, em.ints(pads, f"{name}_pads")], out_shape), out_shape
     raise AssertionError(f"window [{start}, {start + length}) of size {size} both pads and crops")
 
 
-def _upsample(em: _Emitter, src: gs.Tensor, layer: ConvLayer, geom: FilterGeometry) -> gs.Tensor:
+def _upsample(em: Emitter, src: gs.Tensor, layer: ConvLayer, geom: FilterGeometry) -> gs.Tensor:
     """Nearest-upsample N x C_in x p_h x p_w into R x R blocks, cropped/zero-filled to H_x x W_x."""
     n, c, h_x, w_x = layer.x_shape
     p_h, p_w = geom.grid
@@ -445,29 +400,26 @@ def _upsample(em: _Emitter, src: gs.Tensor, layer: ConvLayer, geom: FilterGeomet
     shape = (n, c, p_h, p_w)
     if R_w > 1:
         m = _block_width(p_w)
-        rows = em.reshape("up_rows", cur, (n * c * p_h * p_w // m, m))
+        rows = em.reshape(f"{UPSAMPLE}_rows", cur, (n * c * p_h * p_w // m, m))
         copy = np.kron(np.eye(m, dtype=np.float32), np.ones((1, R_w), dtype=np.float32))
-        wide = em.op("MatMul", "up_cols", [rows, em.const("up_cols_matrix", copy)], (n * c * p_h * p_w // m, m * R_w))
+        wide = em.op(
+            "MatMul",
+            f"{UPSAMPLE}_cols",
+            [rows, em.const(f"{UPSAMPLE}_cols_matrix", copy)],
+            (n * c * p_h * p_w // m, m * R_w),
+        )
         shape = (n, c, p_h, p_w * R_w)
-        cur = em.reshape("up_w", wide, shape)
-    cur, shape = _window(em, "up_w_window", cur, shape, 3, left, w_x)
+        cur = em.reshape(f"{UPSAMPLE}_w", wide, shape)
+    cur, shape = _window(em, f"{UPSAMPLE}_w_window", cur, shape, 3, left, w_x)
     # Rows: one Gather does the R_h-fold repeat, the crop and (via an appended zero row)
     # the zero fill of rows that a cropping (negative) pad leaves uncovered.
     src_rows = [(i + top) // R_h if 0 <= i + top < p_h * R_h else p_h for i in range(h_x)]
     if src_rows == list(range(p_h)) and h_x == p_h:
-        return cur if cur is not src else em.op("Identity", "up", [cur], shape)
+        return cur if cur is not src else em.op("Identity", UPSAMPLE, [cur], shape)
     if p_h in src_rows:
-        cur, shape = _window(em, "up_zero_row", cur, shape, 2, 0, p_h + 1)
-    indices = em.ints("up_rows_index", src_rows)
-    return em.op("Gather", "up", [cur, indices], (n, c, h_x, w_x), {"axis": 2})
-
-
-def _redirect(produced: gs.Tensor, target: gs.Variable) -> None:
-    """Make the node that produced `produced` write the existing tensor `target` instead."""
-    assert not produced.outputs and len(produced.inputs) == 1, produced.name
-    node = produced.inputs[0]
-    node.outputs.clear()
-    node.outputs.append(target)
+        cur, shape = _window(em, f"{UPSAMPLE}_zero_row", cur, shape, 2, 0, p_h + 1)
+    indices = em.ints(src_rows, f"{UPSAMPLE}_rows_index")
+    return em.op("Gather", UPSAMPLE, [cur, indices], (n, c, h_x, w_x), attrs={"axis": 2})
 
 
 # Up to this many patches per sample, g^ and x~ are transposed to channel-major (small
@@ -477,7 +429,7 @@ def _redirect(produced: gs.Tensor, target: gs.Variable) -> None:
 _ONE_GEMM_MAX_PATCHES = 64
 
 
-def _rewrite(graph: gs.Graph, layer: ConvLayer, geom: FilterGeometry, conv_grad: gs.Node, paper: bool) -> None:
+def _rewrite(em: Emitter, layer: ConvLayer, geom: FilterGeometry, conv_grad: gs.Node, paper: bool) -> None:
     g_y, x, w = conv_grad.inputs[:3]
     outputs = list(conv_grad.outputs) + [None] * (3 - len(conv_grad.outputs))
     # ORT writes '' for gradients nobody needs (e.g. dX of the first trainable conv).
@@ -485,7 +437,6 @@ def _rewrite(graph: gs.Graph, layer: ConvLayer, geom: FilterGeometry, conv_grad:
     conv_grad.inputs.clear()
     conv_grad.outputs.clear()
 
-    em = _Emitter(graph, layer.node)
     n, c_in, _, _ = layer.x_shape
     c_out = layer.y_shape[1]
     group = layer.group
@@ -507,7 +458,7 @@ def _rewrite(graph: gs.Graph, layer: ConvLayer, geom: FilterGeometry, conv_grad:
         per_patch = em.sum_leading("bias_samples", g_hat, n, (c_out, patches))
         weights = em.const("bias_weights", bias_weights.reshape(patches, 1).astype(np.float32))
         per_channel = em.op("MatMul", "bias_patches", [per_patch, weights], (c_out, 1))
-        _redirect(em.reshape("bias_sum", per_channel, (c_out,)), d_b)
+        redirect(em.reshape("bias_sum", per_channel, (c_out,)), d_b)
 
     if d_w is not None:
         x_tilde, to_sum = _pool_input(em, x, layer, geom)
@@ -524,16 +475,18 @@ def _rewrite(graph: gs.Graph, layer: ConvLayer, geom: FilterGeometry, conv_grad:
         elif g_major is not None:
             x_major = _channel_major(em, "x_major", x_tilde, (n, group, cin_g, patches))
             attrs = {"transA": 0, "transB": 1, "alpha": float(alpha)}
-            per_tap = em.op("FusedMatMul", "gw_prod", [g_major, x_major], (group, cout_g, cin_g), attrs, _MS_DOMAIN)
+            per_tap = em.op(
+                "FusedMatMul", "gw_prod", [g_major, x_major], (group, cout_g, cin_g), attrs=attrs, domain=MS_DOMAIN
+            )
         else:
             gq = em.reshape("gw_g", g_hat, (n, group, cout_g, patches))
             xq = em.reshape("gw_x", x_tilde, (n, group, cin_g, patches))
             # g^ x~^T per sample with the scale folded into alpha, then summed over samples.
             attrs = {"transA": 0, "transB": 1, "alpha": float(alpha)}
-            prod = em.op("FusedMatMul", "gw_prod", [gq, xq], (n, group, cout_g, cin_g), attrs, _MS_DOMAIN)
+            prod = em.op("FusedMatMul", "gw_prod", [gq, xq], (n, group, cout_g, cin_g), attrs=attrs, domain=MS_DOMAIN)
             per_tap = em.sum_leading("gw_sum", prod, n, (group, cout_g, cin_g))
         if (k_h, k_w) == (1, 1):
-            _redirect(em.reshape("gw_taps", per_tap, (c_out, cin_g, 1, 1)), d_w)
+            redirect(em.reshape("gw_taps", per_tap, (c_out, cin_g, 1, 1)), d_w)
         else:
             # The same value on every tap: a K=1 MatMul with a row of ones writes the rows of
             # taps with MLAS's threaded GEMM, 2.1x faster than a broadcast Mul with ones and
@@ -541,7 +494,7 @@ def _rewrite(graph: gs.Graph, layer: ConvLayer, geom: FilterGeometry, conv_grad:
             column = em.reshape("gw_taps", per_tap, (c_out * cin_g, 1))
             ones = em.const("gw_full_ones", np.ones((1, k_h * k_w), dtype=np.float32))
             rows = em.op("MatMul", "gw_full_rows", [column, ones], (c_out * cin_g, k_h * k_w))
-            _redirect(em.reshape("gw_full", rows, (c_out, cin_g, k_h, k_w)), d_w)
+            redirect(em.reshape("gw_full", rows, (c_out, cin_g, k_h, k_w)), d_w)
 
     if d_x is not None:
         factor = to_mean / stride_div
@@ -549,19 +502,19 @@ def _rewrite(graph: gs.Graph, layer: ConvLayer, geom: FilterGeometry, conv_grad:
             g_hat_x = _spatial_input_grad(em, g_hat, w, layer, geom, factor)
         else:
             g_hat_x = _mixed_input_grad(em, g_hat, g_major, w, layer, geom, factor)
-        _redirect(_upsample(em, g_hat_x, layer, geom), d_x)
+        redirect(_upsample(em, g_hat_x, layer, geom), d_x)
 
 
-def _channel_major(em: _Emitter, name: str, src: gs.Tensor, shape: tuple[int, int, int, int]) -> gs.Variable:
+def _channel_major(em: Emitter, name: str, src: gs.Tensor, shape: tuple[int, int, int, int]) -> gs.Variable:
     """(N, G, C/G, P) view of `src` transposed to (G, C/G, N*P): one GEMM then contracts N and P together."""
     n, group, per_group, patches = shape
     grouped = em.reshape(f"{name}_in", src, shape)
-    moved = em.op("Transpose", name, [grouped], (group, per_group, n, patches), {"perm": [1, 2, 0, 3]})
+    moved = em.op("Transpose", name, [grouped], (group, per_group, n, patches), attrs={"perm": [1, 2, 0, 3]})
     return em.reshape(f"{name}_flat", moved, (group, per_group, n * patches))
 
 
 def _mixed_input_grad(
-    em: _Emitter,
+    em: Emitter,
     g_hat: gs.Tensor,
     g_major: gs.Tensor | None,
     w: gs.Tensor,
@@ -589,13 +542,13 @@ def _mixed_input_grad(
     tap_sum = em.const("w_tap_sum", np.full((taps, 1), factor, dtype=np.float32))
     w_sum = em.op("MatMul", "w_sum", [w_taps, tap_sum], (group * cout_g * cin_g, 1))
     w_sum = em.reshape("w_sum_3d", w_sum, (group, cout_g, cin_g))
-    w_sum_t = em.op("Transpose", "w_sum_t", [w_sum], (group, cin_g, cout_g), {"perm": [0, 2, 1]})
+    w_sum_t = em.op("Transpose", "w_sum_t", [w_sum], (group, cin_g, cout_g), attrs={"perm": [0, 2, 1]})
     if g_major is not None:
         # One GEMM over all samples and patches, then back to N x C_in at patch resolution.
         mixed = em.op("MatMul", "gx_mix", [w_sum_t, g_major], (group, cin_g, n * patches))
         mixed = em.reshape("gx_mix_4d", mixed, (group, cin_g, n, patches))
-        mixed = em.op("Transpose", "gx_mix_t", [mixed], (n, group, cin_g, patches), {"perm": [2, 0, 1, 3]})
-        return em.reshape("gx_hat", mixed, out4)
+        mixed = em.op("Transpose", "gx_mix_t", [mixed], (n, group, cin_g, patches), attrs={"perm": [2, 0, 1, 3]})
+        return em.reshape(GX_HAT, mixed, out4)
     # Per-sample GEMMs. ORT would fold the Transpose into them as transA, which MLAS then
     # redoes for every sample (1.3x slower at 128x120x160 r=4, 1.25x at 256x60x80); a
     # Reshape in between keeps W~^T materialised once (the fusion matches only a Transpose
@@ -603,11 +556,11 @@ def _mixed_input_grad(
     w_sum_t = em.reshape("w_sum_t_4d", w_sum_t, (1, group, cin_g, cout_g))
     flat = em.reshape("gx_g", g_hat, (n, group, cout_g, patches))
     mixed = em.op("MatMul", "gx_mix", [w_sum_t, flat], (n, group, cin_g, patches))
-    return em.reshape("gx_hat", mixed, out4)
+    return em.reshape(GX_HAT, mixed, out4)
 
 
 def _spatial_input_grad(
-    em: _Emitter, g_hat: gs.Tensor, w: gs.Tensor, layer: ConvLayer, geom: FilterGeometry, factor: float
+    em: Emitter, g_hat: gs.Tensor, w: gs.Tensor, layer: ConvLayer, geom: FilterGeometry, factor: float
 ) -> gs.Tensor:
     """Data gradient of a stride-1 conv with W at patch resolution (reduced dilation, 'same' pads)."""
     c_out = layer.y_shape[1]
@@ -618,7 +571,9 @@ def _spatial_input_grad(
     kernel = tuple(1 if not d else k for k, d in zip(layer.kernel, geom.reduced_dilations, strict=True))
     if collapse:
         attrs = {"keepdims": 1}
-        weight = em.op("ReduceSum", "w_taps", [w, em.ints("w_taps_axes", collapse)], (c_out, cin_g, *kernel), attrs)
+        weight = em.op(
+            "ReduceSum", "w_taps", [w, em.ints(collapse, "w_taps_axes")], (c_out, cin_g, *kernel), attrs=attrs
+        )
     plans = [
         tap_plan(k, d, grid) if d else (0, 1, 0, 0)
         for k, d, grid in zip(kernel, geom.reduced_dilations, geom.grid, strict=True)
@@ -629,9 +584,9 @@ def _spatial_input_grad(
         ends = tuple(start + count for start, count in zip(starts, kept, strict=True))
         inputs = [
             weight,
-            em.ints("w_kept_starts", starts),
-            em.ints("w_kept_ends", ends),
-            em.ints("w_kept_axes", (2, 3)),
+            em.ints(starts, "w_kept_starts"),
+            em.ints(ends, "w_kept_ends"),
+            em.ints((2, 3), "w_kept_axes"),
         ]
         weight = em.op("Slice", "w_kept", inputs, (c_out, cin_g, *kept))
     weight = em.scale("w_scaled", weight, factor, (c_out, cin_g, *kept))
@@ -642,7 +597,7 @@ def _spatial_input_grad(
         "strides": [1, 1],
         "group": layer.group,
     }
-    return em.op("ConvTranspose", "gx_hat", [g_hat, weight], geom.x_pooled_shape, attrs)
+    return em.op("ConvTranspose", GX_HAT, [g_hat, weight], geom.x_pooled_shape, attrs=attrs)
 
 
 __all__ = [

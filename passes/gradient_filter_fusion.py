@@ -31,26 +31,28 @@ never read, yet ORT allocated the full-resolution gradient and every split outpu
 one). Each used output becomes the block-count-weighted sum of its channels of `a` at
 patch resolution, so neither the upsample nor the split is computed.
 
-The pass relies on `gradient_filter`'s naming: `{conv}/gf/g_pool` is g^ and the nodes
-named `{conv}/gf/up` and `{conv}/gf/up_*` are the upsample chain.
+The pass finds gradient_filter's tensors through the scope gradient_filter published for
+each conv (`plan.generated.filter_scopes`): in it, `names.G_POOL` is g^ and the nodes of role
+`names.UPSAMPLE` are the upsample chain.
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .base import Plan, Stage
-from .geometry import FilterGeometry, filter_geometry
+from .base import Plan, Stage, pass_logger
+from .emitter import Emitter
+from .geometry import FilterGeometry, block_counts, filter_geometry, g_pool_holds_sums
+from .names import G_POOL, UPSAMPLE, NameAllocator, in_role, in_scope, scoped
 
 STAGE: Stage = "training"
 REQUIRES: tuple[str, ...] = ("gradient_filter",)
 FACTS: tuple[str, ...] = ("ort_gradient_graph",)
 
-_LOG = logging.getLogger(__name__)
+_LOG = pass_logger(__name__)
 # A chain of affine gradient ops longer than this is not an eval BN; stop looking.
 _MAX_CHAIN = 32
 # ops on the gradient path from grad_x_B to g_y_A that scale each channel by a factor
@@ -77,46 +79,52 @@ class Fusion:
     patch_grad: gs.Variable  # a = g^x_B, N x C x p_h x p_w, what B's upsample reads
     upsampled: gs.Variable  # grad_x_B, the upsample's output
     g_y: gs.Variable  # g_y_A, what A's pool reads
-    pooled: gs.Variable  # g^_A, `{A}/gf/g_pool`
+    pooled: gs.Variable  # g^_A, gradient_filter's G_POOL tensor of A
     path: tuple[_Step, ...]
     lower_geometry: FilterGeometry
     upper_geometry: FilterGeometry
 
     @property
     def pooled_holds_sums(self) -> bool:
-        # gradient_filter block-SUMS aligned windows (the 1/r^2 is folded downstream) and
-        # takes exact in-image MEANS of the others.
-        return self.lower_geometry.g_aligned
+        return g_pool_holds_sums(self.lower_geometry)
 
 
 def run(graph: gs.Graph, plan: Plan) -> gs.Graph:
     """Feed every fusable lower conv's g^ straight from the upper conv's patch-resolution gradient."""
+    names = NameAllocator(graph)
     for fusion in find_fusions(graph, plan):
         _LOG.info("gradient filter fusion: %s feeds %s at patch resolution", fusion.upper, fusion.lower)
-        _fuse(graph, fusion)
+        _fuse(graph, names, plan.generated.filter_scopes[fusion.lower], fusion)
     graph.cleanup()
     for conv_name in plan.filtered:
-        _reduce_split_upsample(graph, plan, conv_name)
+        _reduce_split_upsample(graph, names, plan, conv_name)
     graph.cleanup().toposort()
     return graph
 
 
 def find_fusions(graph: gs.Graph, plan: Plan) -> list[Fusion]:
     """Every (A, B) pair of filtered convs whose geometry lines up and whose gradient path is per-channel."""
+    scopes = plan.generated.filter_scopes
     upsamples = {}
     for conv_name in plan.filtered:
-        found = _upsample(graph, conv_name)
+        found = _upsample(graph, scopes[conv_name]) if conv_name in scopes else None
         if found is not None:
             upsamples[found[1].name] = (conv_name, *found)
     tensors = graph.tensors()
     fusions = []
     for lower, r_lower in plan.filtered.items():
-        pooled = tensors.get(f"{lower}/gf/g_pool")
-        g_y = _pool_input(graph, lower)
-        if pooled is None or g_y is None or r_lower < 2:
+        if lower not in scopes or r_lower < 2:
             continue  # r == 1 has no pool to remove
+        pooled = tensors.get(scoped(scopes[lower], G_POOL))
+        g_y = _pool_input(graph, scopes[lower])
+        if pooled is None or g_y is None:
+            _LOG.debug("gradient filter fusion: %s has no pooled output gradient to replace", lower)
+            continue
         path = _affine_path(g_y, tuple(plan.conv(lower).y_shape), upsamples)
         if path is None:
+            _LOG.debug(
+                "gradient filter fusion: %s's output gradient is not a per-channel scaling of an upsample", lower
+            )
             continue
         start = path[0].inp if path else g_y
         upper, patch_grad, upsampled = upsamples[start.name]
@@ -134,10 +142,9 @@ def find_fusions(graph: gs.Graph, plan: Plan) -> list[Fusion]:
     return fusions
 
 
-def _upsample(graph: gs.Graph, conv_name: str) -> tuple[gs.Variable, gs.Variable] | None:
-    """(a, grad_x) of the upsample chain gradient_filter emitted for `conv_name`, if there is one."""
-    prefix = f"{conv_name}/gf/up"
-    nodes = [n for n in graph.nodes if n.name == prefix or n.name.startswith(f"{prefix}_")]
+def _upsample(graph: gs.Graph, scope: str) -> tuple[gs.Variable, gs.Variable] | None:
+    """(a, grad_x) of the upsample chain gradient_filter emitted under `scope`, if there is one."""
+    nodes = [n for n in graph.nodes if in_role(scope, UPSAMPLE, n.name)]
     if not nodes:
         return None
     ids = {id(n) for n in nodes}
@@ -149,15 +156,14 @@ def _upsample(graph: gs.Graph, conv_name: str) -> tuple[gs.Variable, gs.Variable
     return next(iter(sources.values())), finals[0]
 
 
-def _pool_input(graph: gs.Graph, conv_name: str) -> gs.Variable | None:
-    """g_y of a filtered conv: the one non-gf tensor that its `{conv}/gf/g_pool*` nodes read."""
-    prefix = f"{conv_name}/gf/"
-    readers = [n for n in graph.nodes if n.name.startswith(f"{prefix}g_pool")]
+def _pool_input(graph: gs.Graph, scope: str) -> gs.Variable | None:
+    """g_y of a filtered conv: the one tensor from outside `scope` that its G_POOL nodes read."""
+    readers = [n for n in graph.nodes if in_role(scope, G_POOL, n.name)]
     outside = {
         id(t): t
         for n in readers
         for t in n.inputs
-        if isinstance(t, gs.Variable) and not (t.inputs and t.inputs[0].name.startswith(prefix))
+        if isinstance(t, gs.Variable) and not (t.inputs and in_scope(scope, t.inputs[0].name))
     }
     return next(iter(outside.values())) if len(outside) == 1 else None
 
@@ -238,26 +244,13 @@ def _matching_geometries(plan: Plan, lower: str, upper: str) -> tuple[FilterGeom
     return (geom_a, geom_b) if lines_up else None
 
 
-def _block_counts(geom: FilterGeometry) -> np.ndarray:
-    """p_h x p_w in-image element counts of the upsample blocks of `geom` (the image is x's H x W)."""
-    per_axis = []
-    for axis in range(2):
-        R, p = geom.patch[axis], geom.grid[axis]
-        top, bottom = geom.x_pads[axis], geom.x_pads[axis + 2]
-        size = p * R - top - bottom
-        starts = np.arange(p) * R - top
-        per_axis.append(np.minimum(starts + R, size) - np.maximum(starts, 0))
-    return np.outer(per_axis[0], per_axis[1]).astype(np.float32)
-
-
 class _PatchGradients:
     """Emits `factor_k * a` at patch resolution: path tensor k (0: grad_x_B) before its upsample."""
 
-    def __init__(self, graph: gs.Graph, fusion: Fusion) -> None:
-        self.graph = graph
+    def __init__(self, em: Emitter, fusion: Fusion) -> None:
+        self.em = em
         self.fusion = fusion
-        self.prefix = f"{fusion.lower}/gf/fuse"
-        self.counts = _block_counts(fusion.upper_geometry)
+        self.counts = block_counts(fusion.upper_geometry)
         self.shape = fusion.upper_geometry.x_pooled_shape  # what B's upsample reads
         self.cache: dict[tuple[int, str], gs.Tensor] = {}
 
@@ -293,31 +286,24 @@ class _PatchGradients:
             constant = constant * self.counts.astype(np.float64)
         elif weight == "window":
             constant = constant * float(self.fusion.lower_geometry.r**2)
-        name = f"{self.prefix}/k{k}_{weight}"
+        name = f"k{k}_{weight}"
+        em = self.em
         if not variables and constant.size == 1 and float(constant.reshape(-1)[0]) == 1.0:
             if out is None:
                 return self.fusion.patch_grad
-            return self._op("Identity", name, [self.fusion.patch_grad], self.shape, out)
-        factor: gs.Tensor = gs.Constant(f"{name}_factor", np.asarray(constant, dtype=np.float32))
+            return em.op("Identity", name, [self.fusion.patch_grad], self.shape, into=out)
+        factor: gs.Tensor = em.const(f"{name}_factor", np.asarray(constant, dtype=np.float32))
         for i, (op, operand) in enumerate(variables):
-            factor = self._op(op, f"{name}_factor{i}", [factor, operand], None)
-        return self._op("Mul", name, [self.fusion.patch_grad, factor], self.shape, out)
-
-    def _op(
-        self, op: str, name: str, inputs: list[gs.Tensor], shape: tuple[int, ...] | None, out: gs.Variable | None = None
-    ) -> gs.Variable:
-        if out is None:
-            out = gs.Variable(name, dtype=np.float32, shape=list(shape) if shape is not None else None)
-        self.graph.nodes.append(gs.Node(op=op, name=name, inputs=inputs, outputs=[out]))
-        return out
+            factor = em.op(op, f"{name}_factor{i}", [factor, operand])
+        return em.op("Mul", name, [self.fusion.patch_grad, factor], self.shape, into=out)
 
 
-def _fuse(graph: gs.Graph, fusion: Fusion) -> None:
-    patch = _PatchGradients(graph, fusion)
+def _fuse(graph: gs.Graph, names: NameAllocator, lower_scope: str, fusion: Fusion) -> None:
+    patch = _PatchGradients(Emitter(graph, names, scoped(lower_scope, "fuse")), fusion)
     path_tensors = [fusion.path[0].inp if fusion.path else fusion.g_y] + [step.out for step in fusion.path]
     last = len(path_tensors) - 1
 
-    # 1. g^_A from `a`, written into `{A}/gf/g_pool` so A's readers stay as they are; the
+    # 1. g^_A from `a`, written into A's G_POOL tensor so A's readers stay as they are; the
     #    old pool chain loses its only output and is cleaned up.
     for node in list(fusion.pooled.inputs):
         node.outputs.clear()
@@ -364,9 +350,10 @@ def _channel_slices(node: gs.Node, source: gs.Variable, channels: int) -> list[t
     return slices if start == channels else None
 
 
-def _reduce_split_upsample(graph: gs.Graph, plan: Plan, conv_name: str) -> None:
+def _reduce_split_upsample(graph: gs.Graph, names: NameAllocator, plan: Plan, conv_name: str) -> None:
     """Sum the used channel slices of `conv_name`'s upsampled input gradient at patch resolution, if that is all its use."""
-    found = _upsample(graph, conv_name)
+    scope = plan.generated.filter_scopes.get(conv_name)
+    found = _upsample(graph, scope) if scope is not None else None
     if found is None:
         return
     patch_grad, upsampled = found
@@ -394,23 +381,17 @@ def _reduce_split_upsample(graph: gs.Graph, plan: Plan, conv_name: str) -> None:
                 return
             plans.extend((out, start, end, reader) for reader in out.outputs)
     # Sum over in-image pixels of a block-constant map == sum over blocks of count * value.
-    counts = gs.Constant(f"{conv_name}/gf/split_sum_counts", _block_counts(geom).reshape(1, 1, *geom.grid))
-    prefix = f"{conv_name}/gf/split_sum"
+    em = Emitter(graph, names, scoped(scope, "split_sum"))
+    counts = em.const("counts", block_counts(geom).reshape(1, 1, *geom.grid))
     weighted: dict[tuple[int, int], gs.Variable] = {}
     n, _, p_h, p_w = geom.x_pooled_shape
     for i, (_, start, end, reader) in enumerate(plans):
         key = (start, end)
         if key not in weighted:
             shape = [n, end - start, p_h, p_w]
-            sliced = gs.Variable(f"{prefix}{i}_slice", dtype=np.float32, shape=shape)
-            bounds = [
-                gs.Constant(f"{prefix}{i}_{name}", np.array(values, dtype=np.int64))
-                for name, values in (("starts", [start]), ("ends", [end]), ("axes", [1]))
-            ]
-            graph.nodes.append(gs.Node("Slice", f"{prefix}{i}_slice", inputs=[patch_grad, *bounds], outputs=[sliced]))
-            product = gs.Variable(f"{prefix}{i}_weighted", dtype=np.float32, shape=shape)
-            graph.nodes.append(gs.Node("Mul", f"{prefix}{i}_weighted", inputs=[sliced, counts], outputs=[product]))
-            weighted[key] = product
+            bounds = [em.ints([start], f"{i}_starts"), em.ints([end], f"{i}_ends"), em.ints([1], f"{i}_axes")]
+            sliced = em.op("Slice", f"{i}_slice", [patch_grad, *bounds], shape)
+            weighted[key] = em.op("Mul", f"{i}_weighted", [sliced, counts], shape)
         reader.inputs[0] = weighted[key]
     for split in list(upsampled.outputs):
         split.outputs.clear()  # every used output is now fed at patch resolution

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
-# ORT names every gradient tensor "<tensor>_grad"; user tensors never end that way.
-GRADIENT_SUFFIX = "_grad"
+from .names import GRADIENT_SUFFIX
 
 
 def gradient_dependent_nodes(graph: gs.Graph) -> set[int]:

@@ -59,7 +59,7 @@ class NameAllocator:
         candidate, attempt = preferred, 0
         while candidate in self._taken or self._inside_scope(candidate):
             attempt += 1
-            candidate = f"{preferred}{_RETRY_MARK}{attempt}"
+            candidate = self._variant(preferred, attempt)
         self._taken.add(candidate)
         return candidate
 
@@ -71,10 +71,18 @@ class NameAllocator:
         candidate, attempt = preferred, 0
         while self._scope_clashes(candidate):
             attempt += 1
-            candidate = f"{preferred}{_RETRY_MARK}{attempt}"
+            candidate = self._variant(preferred, attempt)
         self._scopes.add(candidate)
         self._taken.add(candidate)
         return candidate
+
+    def _variant(self, preferred: str, attempt: int) -> str:
+        """The `attempt`-th alternative to `preferred`: marked at the end, or, where `preferred`
+        lies inside a scope handed out (no ending leaves it), marked in its first component."""
+        if self._inside_scope(preferred):
+            head, _, rest = preferred.partition(SEPARATOR)
+            return f"{head}{_RETRY_MARK}{attempt}{SEPARATOR}{rest}"
+        return f"{preferred}{_RETRY_MARK}{attempt}"
 
     def _scope_clashes(self, candidate: str) -> bool:
         inner = candidate + SEPARATOR
@@ -119,6 +127,13 @@ def in_scope(scope: str, name: str) -> bool:
     return name.startswith(scope + SEPARATOR)
 
 
+RELU_MASK = "relu_mask"  # activation_mask's bool mask of activation A: preferably "A/relu_mask"
+
+
+def preferred_mask_name(activation: str) -> str:
+    return scoped(activation, RELU_MASK)
+
+
 # --------------------------------------------------------------------------------------------
 # Row tiling: band nodes, which row_recompute and the memory model find again
 # --------------------------------------------------------------------------------------------
@@ -127,6 +142,7 @@ ROW_TILE_SCOPE = "rowtile"  # preferred scope of chain X's band nodes: "rowtile/
 BAND = "band"  # band j's nodes live in "<chain scope>/band<j>/"
 ENTRY = "entry"  # a band's Slice of the chain entry: "<band scope>/entry"
 RECOMPUTE_SCOPE = "backward"  # row_recompute's nodes of a chain: "<chain scope>/backward/..."
+RECOMPUTED = "recompute"  # row_recompute's copy of band node X: "X/recompute"
 
 
 def preferred_chain_scope(chain: str) -> str:
@@ -180,13 +196,13 @@ class GeneratedNames:
     filter_scopes: filtered conv node -> scope of its gradient-filter ops (gradient_filter).
     relu_masks: activation tensor -> the bool mask tensor that replaces it (activation_mask).
     chain_scopes: tiled chain (exit tensor) -> scope of its band nodes (row_tiling).
-    recomputed_chains: tiled chains whose bands row_recompute already rewrote.
+    recompute_markers: tiled chain -> a node row_recompute added for it (present: already rewritten).
     """
 
     filter_scopes: dict[str, str] = field(default_factory=dict)
     relu_masks: dict[str, str] = field(default_factory=dict)
     chain_scopes: dict[str, str] = field(default_factory=dict)
-    recomputed_chains: list[str] = field(default_factory=list)
+    recompute_markers: dict[str, str] = field(default_factory=dict)
 
     def filter_tensor(self, conv: str, role: str) -> str | None:
         """Name of gradient_filter's tensor `role` (X_POOL, G_POOL, GX_HAT) for `conv`, if it filtered it."""

@@ -30,32 +30,39 @@ row-centric too:
   of the step; for a VGG-16 at batch 8 that is 95 MiB of frozen-layer indices, more than
   the tiled frozen layers use. Unread indices outputs are dropped (for tiled or not).
 
-Bands are found by name: row_tiling names band nodes `rowtile/<chain>/band<j>/...` and
-ORT names a gradient node after its forward node (`<forward name>_Grad/...`).
+Bands are found by name: row_tiling names band nodes `<chain scope>/band<j>/...` under the
+chain scopes it published (`plan.generated.chain_scopes`, see `passes.names`), and ORT names a
+gradient node after its forward node (`<forward name>_Grad/...`).
 """
 
 from __future__ import annotations
 
-import logging
-import re
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .base import Plan, Stage
-from .graph_utils import GRADIENT_SUFFIX, gradient_dependent_nodes
+from .base import Plan, Stage, pass_logger
+from .emitter import MS_DOMAIN, Emitter
+from .graph_utils import gradient_dependent_nodes
+from .names import (
+    ENTRY,
+    GRADIENT_NODE_MARK,
+    GRADIENT_SUFFIX,
+    RECOMPUTE_SCOPE,
+    RECOMPUTED,
+    NameAllocator,
+    band_scope,
+    parse_band,
+    scoped,
+)
 
 STAGE: Stage = "training"
 REQUIRES: tuple[str, ...] = ("row_tiling",)
 FACTS: tuple[str, ...] = ("ort_gradient_graph",)
 
-_LOG = logging.getLogger(__name__)
-_BAND = re.compile(r"^rowtile/(?P<chain>.+?)/band(?P<band>\d+)/")
-_GRAD = "_Grad/"
-_SUFFIX = "/recompute"
+_LOG = pass_logger(__name__)
 
 
 @dataclass
@@ -64,24 +71,26 @@ class _Band:
 
     chain: str
     index: int
+    scope: str  # the band's node-name scope
     forward: list[gs.Node] = field(default_factory=list)  # the band's forward nodes, graph order
     backward: list[gs.Node] = field(default_factory=list)  # ORT's gradient nodes of those
 
-    def prefix(self) -> str:
-        return f"rowtile/{self.chain}/band{self.index}/"
+    @property
+    def entry(self) -> str:
+        """Name of the band's Slice of the chain entry (ORT's gradient of it starts with it too)."""
+        return scoped(self.scope, ENTRY)
 
 
-def tiled_bands(graph: gs.Graph) -> dict[str, dict[int, _Band]]:
-    """Chain name -> band index -> its forward and gradient nodes."""
+def tiled_bands(graph: gs.Graph, chain_scopes: dict[str, str]) -> dict[str, dict[int, _Band]]:
+    """Chain name -> band index -> its forward and gradient nodes, for the chains of `chain_scopes`."""
     backward = gradient_dependent_nodes(graph)
     chains: dict[str, dict[int, _Band]] = {}
     for node in graph.nodes:
-        match = _BAND.match(node.name or "")
-        if not match:
+        where = parse_band(node.name or "", chain_scopes)
+        if where is None:
             continue
-        band = chains.setdefault(match["chain"], {}).setdefault(
-            int(match["band"]), _Band(match["chain"], int(match["band"]))
-        )
+        scope = band_scope(chain_scopes[where.chain], where.band)
+        band = chains.setdefault(where.chain, {}).setdefault(where.band, _Band(where.chain, where.band, scope))
         (band.backward if id(node) in backward else band.forward).append(node)
     return chains
 
@@ -90,18 +99,26 @@ def run(graph: gs.Graph, plan: Plan) -> gs.Graph:
     """Recompute trainable bands inside the backward; drop unread MaxPool indices."""
     if graph.opset < 13:
         raise ValueError(f"row recompute needs opset >= 13 (Slice/Concat with tensor inputs), got {graph.opset}")
-    for chain, bands in tiled_bands(graph).items():
-        nodes = [node for band in bands.values() for node in (*band.forward, *band.backward)]
-        if any(node.name.endswith(_SUFFIX) for node in nodes):
+    chain_scopes = plan.generated.chain_scopes
+    node_names = {node.name for node in graph.nodes}
+    names = NameAllocator(graph)
+    for chain, bands in tiled_bands(graph, chain_scopes).items():
+        if plan.generated.recompute_markers.get(chain) in node_names:
             # Already rewritten (the pass ran before): copying the copies would give clones
             # without ordering edges that ORT's common-subexpression elimination merges back
             # into the forward originals, which then stay alive until the backward.
+            _LOG.debug("%s: already recomputed band by band", chain)
             continue
-        if any(band.backward for band in bands.values()):
-            _recompute_chain(graph, chain, bands)
+        if not any(band.backward for band in bands.values()):
+            _LOG.debug("%s: frozen (no gradient flows through its bands); nothing to recompute", chain)
+            continue
+        marker = _recompute_chain(graph, names, chain_scopes[chain], bands)
+        if marker is not None:
+            plan.generated.recompute_markers[chain] = marker
+        _LOG.info("%s: %d bands recomputed in the backward", chain, len(bands))
     dropped = drop_unread_pool_indices(graph)
     if dropped:
-        _LOG.info("row recompute: dropped %d unread MaxPool indices outputs", dropped)
+        _LOG.info("dropped %d unread MaxPool indices outputs", dropped)
     graph.cleanup()
     return graph
 
@@ -119,51 +136,37 @@ def drop_unread_pool_indices(graph: gs.Graph) -> int:
     return count
 
 
-class _Emitter:
-    def __init__(self, graph: gs.Graph, prefix: str) -> None:
-        self.graph = graph
-        self.prefix = prefix
-        self.count = 0
-
-    def ints(self, values: Sequence[int]) -> gs.Constant:
-        self.count += 1
-        return gs.Constant(f"{self.prefix}/i64_{self.count}", np.array(list(values), dtype=np.int64))
-
-    def op(self, op: str, name: str, inputs: list, shape=None, dtype=np.float32, attrs: dict | None = None):
-        out = gs.Variable(f"{self.prefix}/{name}", dtype=dtype, shape=list(shape) if shape is not None else None)
-        self.graph.nodes.append(
-            gs.Node(op=op, name=f"{self.prefix}/{name}", attrs=dict(attrs or {}), inputs=inputs, outputs=[out])
-        )
-        return out
-
-
-def _recompute_chain(graph: gs.Graph, chain: str, bands: dict[int, _Band]) -> None:
-    em = _Emitter(graph, f"rowtile/{chain}/backward")
+def _recompute_chain(graph: gs.Graph, names: NameAllocator, chain_scope: str, bands: dict[int, _Band]) -> str | None:
+    """Rewrite one chain's backward band by band; returns the name of one node it added (a marker)."""
+    em = Emitter(graph, names, scoped(chain_scope, RECOMPUTE_SCOPE))
     # First: the band gradients of the entry then leave each band through the assembly, which
     # the data edges below can wait for (ORT's per-band SliceGrads go away).
-    _assemble_entry_gradient(graph, em, chain, bands)
+    _assemble_entry_gradient(em, bands)
     # Before the edges: band j-1 must wait for the running sum that includes band j's partial
     # weight gradients, not only for the partials themselves. Otherwise ORT's reverse DFS may
     # enter band 0's backward (which, by the edges, needs every later band) before any Add,
     # run all the Adds at the very end, and keep K partial gradients of every weight alive
     # (VGG-16 at 480x480, K = 15: about 450 MiB more than the bands themselves).
-    running = _accumulate_in_band_order(graph, bands)
+    running = _accumulate_in_band_order(graph, names, bands)
     order = sorted(bands, reverse=True)  # the backward runs the last band first
     finished: list[gs.Tensor] = []  # gradients the previous band's backward hands out
+    marker = None
     for j in order:
         band = bands[j]
         if not band.backward:
             finished = []
             continue
-        copies = _clone_forward(graph, band)
+        copies = _clone_forward(graph, names, band)
+        marker = marker or next((copy.inputs[0].name for copy in copies.values()), None)
         incoming = _incoming_gradients(band)
         _order_after(em, band, copies, incoming + finished, j)
         for node in band.backward:
             node.inputs = [copies.get(t.name, t) if t is not None else t for t in node.inputs]
         finished = [running.get(t.name, t) for t in _outgoing(band)]
+    return marker
 
 
-def _clone_forward(graph: gs.Graph, band: _Band) -> dict[str, gs.Variable]:
+def _clone_forward(graph: gs.Graph, names: NameAllocator, band: _Band) -> dict[str, gs.Variable]:
     """Copy the band's forward nodes that produce what its gradient nodes read; old name -> copy."""
     produced = {t.name: node for node in band.forward for t in node.outputs}
     read = {t.name for node in band.backward for t in node.inputs if t is not None and t.name in produced}
@@ -181,11 +184,14 @@ def _clone_forward(graph: gs.Graph, band: _Band) -> dict[str, gs.Variable]:
             continue
         outputs = []
         for t in node.outputs:
-            copy = gs.Variable(t.name + _SUFFIX, dtype=t.dtype, shape=t.shape)
+            copy = gs.Variable(names.fresh(scoped(t.name, RECOMPUTED)), dtype=t.dtype, shape=t.shape)
             copies[t.name] = copy
             outputs.append(copy)
         inputs = [copies.get(t.name, t) if t is not None else t for t in node.inputs]
-        clone = gs.Node(op=node.op, name=node.name + _SUFFIX, attrs=dict(node.attrs), inputs=inputs, outputs=outputs)
+        # A node named like its output (Emitter's convention) keeps sharing the name with it.
+        same = next((copies[t.name].name for t in node.outputs if t.name == node.name), None)
+        clone_name = same or names.fresh(scoped(node.name, RECOMPUTED))
+        clone = gs.Node(op=node.op, name=clone_name, attrs=dict(node.attrs), inputs=inputs, outputs=outputs)
         clone.domain = node.domain
         graph.nodes.append(clone)
     return copies
@@ -215,7 +221,7 @@ def _incoming_gradients(band: _Band) -> list[gs.Tensor]:
             producer = t.inputs[0]
             if id(producer) in inside or id(producer) in downstream:
                 continue
-            if t.name.endswith(GRADIENT_SUFFIX) or _GRAD in (producer.name or ""):
+            if t.name.endswith(GRADIENT_SUFFIX) or GRADIENT_NODE_MARK in (producer.name or ""):
                 tensors[t.name] = t
     return list(tensors.values())
 
@@ -231,13 +237,13 @@ def _outgoing(band: _Band) -> list[gs.Tensor]:
     return result
 
 
-def _order_after(em: _Emitter, band: _Band, copies: dict[str, gs.Variable], after: list[gs.Tensor], j: int) -> None:
+def _order_after(em: Emitter, band: _Band, copies: dict[str, gs.Variable], after: list[gs.Tensor], j: int) -> None:
     """Make the copied band's entry Slice wait for `after` (see module docstring)."""
     entry = next(
         (
             node
             for node in band.forward
-            if node.op == "Slice" and node.name == f"{band.prefix()}entry" and node.outputs[0].name in copies
+            if node.op == "Slice" and node.name == band.entry and node.outputs[0].name in copies
         ),
         None,
     )
@@ -249,39 +255,34 @@ def _order_after(em: _Emitter, band: _Band, copies: dict[str, gs.Variable], afte
         empty = em.op("Slice", f"edge{j}/after{index}", [tensor, em.ints([0]), em.ints([0]), em.ints([0])])
         empties.append(em.op("Reshape", f"edge{j}/after{index}/flat", [empty, em.ints([0])], (0,)))
     joined = empties[0] if len(empties) == 1 else em.op("Concat", f"edge{j}/after", empties, (0,), attrs={"axis": 0})
-    edge = em.op("Cast", f"edge{j}/after/i64", [joined], (0,), np.int64, {"to": onnx.TensorProto.INT64})
+    edge = em.op("Cast", f"edge{j}/after/i64", [joined], (0,), dtype=np.int64, attrs={"to": onnx.TensorProto.INT64})
     starts = clone.inputs[1]
-    clone.inputs[1] = em.op("Concat", f"edge{j}/starts", [starts, edge], (1,), np.int64, {"axis": 0})
+    clone.inputs[1] = em.op("Concat", f"edge{j}/starts", [starts, edge], (1,), dtype=np.int64, attrs={"axis": 0})
 
 
-def _band_of(tensor: gs.Tensor) -> int | None:
-    if not tensor.inputs:
-        return None
-    match = _BAND.match(tensor.inputs[0].name or "")
-    return int(match["band"]) if match else None
-
-
-def _accumulate_in_band_order(graph: gs.Graph, bands: dict[int, _Band]) -> dict[str, gs.Variable]:
+def _accumulate_in_band_order(graph: gs.Graph, names: NameAllocator, bands: dict[int, _Band]) -> dict[str, gs.Variable]:
     """Replace ORT's Sum of per-band gradients by Adds in backward (descending band) order.
 
     Returns, for every term but the first of each sum, the running sum that adds it.
     """
     running: dict[str, gs.Variable] = {}
-    produced = {id(node) for band in bands.values() for node in band.backward}
+    band_of = {id(node): j for j, band in bands.items() for node in band.backward}
     for node in list(graph.nodes):
         if node.op != "Sum" or len(node.inputs) < 2:
             continue
-        if not all(t.inputs and id(t.inputs[0]) in produced for t in node.inputs):
+        if not all(t.inputs and id(t.inputs[0]) in band_of for t in node.inputs):
             continue
-        terms = sorted(node.inputs, key=lambda t: -(_band_of(t) or 0))
+        terms = sorted(node.inputs, key=lambda t: -band_of[id(t.inputs[0])])
         out = node.outputs[0]
         node.inputs.clear()
         node.outputs.clear()
         total = terms[0]
         for index, term in enumerate(terms[1:], start=1):
             last = index == len(terms) - 1
-            result = out if last else gs.Variable(f"{out.name}/partial{index}", dtype=out.dtype, shape=out.shape)
-            graph.nodes.append(gs.Node(op="Add", name=f"{out.name}/add{index}", inputs=[total, term], outputs=[result]))
+            partial = names.fresh(f"{out.name}/partial{index}")
+            result = out if last else gs.Variable(partial, dtype=out.dtype, shape=out.shape)
+            add = names.fresh(f"{out.name}/add{index}")
+            graph.nodes.append(gs.Node(op="Add", name=add, inputs=[total, term], outputs=[result]))
             running[term.name] = result
             total = result
     return running
@@ -303,13 +304,11 @@ def _leading_constant(starts: gs.Tensor) -> int | None:
     return int(first.values.reshape(-1)[0])
 
 
-def _assemble_entry_gradient(graph: gs.Graph, em: _Emitter, chain: str, bands: dict[int, _Band]) -> None:
+def _assemble_entry_gradient(em: Emitter, bands: dict[int, _Band]) -> None:
     """One full-size entry gradient from the band gradients, halos added (replaces SliceGrads + Sum)."""
     grads = []
     for j, band in sorted(bands.items()):
-        node = next(
-            (n for n in band.backward if n.op == "SliceGrad" and n.name.startswith(f"{band.prefix()}entry")), None
-        )
+        node = next((n for n in band.backward if n.op == "SliceGrad" and n.name.startswith(band.entry)), None)
         if node is None:
             continue
         starts, ends, axes = node.inputs[2:5]
@@ -344,8 +343,7 @@ def _assemble_entry_gradient(graph: gs.Graph, em: _Emitter, chain: str, bands: d
     # One SliceGrad places the rows the bands read into a zero tensor of the entry's shape (rows
     # no band read, below a floor-mode pool, get 0), where ORT had one per band.
     inputs = [covered, shape, em.ints([borders[0]]), em.ints([borders[-1]]), em.ints([2])]
-    placed = em.op("SliceGrad", "entry_grad", inputs)
-    placed.inputs[0].domain = "com.microsoft"
+    placed = em.op("SliceGrad", "entry_grad", inputs, domain=MS_DOMAIN)
     slice_grads = {id(g[2].outputs[0]) for g in grads}
     others = [t for t in accumulate.inputs if id(t) not in slice_grads]
     accumulate.inputs = [*others, placed]

@@ -19,27 +19,24 @@ Values are untouched. Tensors ORT cannot alias (graph inputs, initializers) are 
 
 from __future__ import annotations
 
-import logging
-
 import onnx_graphsurgeon as gs
 
-from .activation_mask import mask_name
-from .base import Plan, Stage
-from .gradient_filter import pooled_input_name
+from .base import Plan, Stage, pass_logger
+from .emitter import MS_DOMAIN
 from .graph_utils import gradient_dependent_nodes
+from .names import X_POOL, NameAllocator
 
 STAGE: Stage = "training"
 REQUIRES: tuple[str, ...] = ("gradient_filter", "activation_mask")
 FACTS: tuple[str, ...] = ("ort_gradient_graph",)
 
-_LOG = logging.getLogger(__name__)
-_MS_DOMAIN = "com.microsoft"
+_LOG = pass_logger(__name__)
 # A summary computed from x by more nodes than this is not one of the pooling / mask chains.
 _MAX_CHAIN = 16
 
 
 def barrier_name(source: str) -> str:
-    """Name of the PassThrough node that orders the summaries of `source` before its readers."""
+    """Preferred name of the PassThrough node that orders the summaries of `source` before its readers."""
     return f"{source}/save_early"
 
 
@@ -48,8 +45,12 @@ def run(graph: gs.Graph, plan: Plan) -> gs.Graph:
     tensors = graph.tensors()
     backward = gradient_dependent_nodes(graph)
     inputs = {t.name for t in graph.inputs}
-    candidates: list[tuple[str, str]] = [(plan.conv(conv).input, pooled_input_name(conv)) for conv in plan.filtered]
-    candidates += [(name, mask_name(name)) for name in tensors if mask_name(name) in tensors]
+    candidates: list[tuple[str, str]] = []
+    for conv in plan.filtered:
+        pooled = plan.generated.filter_tensor(conv, X_POOL)
+        if pooled is not None:
+            candidates.append((plan.conv(conv).input, pooled))
+    candidates += list(plan.generated.relu_masks.items())
     groups: dict[str, list[tuple[gs.Variable, set[int]]]] = {}
     for source_name, summary_name in candidates:
         source, summary = tensors.get(source_name), tensors.get(summary_name)
@@ -64,8 +65,9 @@ def run(graph: gs.Graph, plan: Plan) -> gs.Graph:
         group = groups.setdefault(source.name, [])
         if all(existing is not summary for existing, _ in group):
             group.append((summary, chain))
+    names = NameAllocator(graph)
     for source_name, group in groups.items():
-        _insert_barrier(graph, tensors[source_name], group)
+        _insert_barrier(graph, names, tensors[source_name], group)
     graph.cleanup().toposort()
     return graph
 
@@ -96,8 +98,8 @@ def _chain(summary: gs.Variable, source: gs.Variable, backward: set[int]) -> set
     return chain if reaches_source else None
 
 
-def _alias(tensor: gs.Variable, suffix: str) -> gs.Variable:
-    return gs.Variable(f"{tensor.name}/{suffix}", dtype=tensor.dtype, shape=tensor.shape)
+def _alias(names: NameAllocator, tensor: gs.Variable, suffix: str) -> gs.Variable:
+    return gs.Variable(names.fresh(f"{tensor.name}/{suffix}"), dtype=tensor.dtype, shape=tensor.shape)
 
 
 def _replace_input(node: gs.Node, old: gs.Tensor, new: gs.Tensor) -> None:
@@ -106,13 +108,15 @@ def _replace_input(node: gs.Node, old: gs.Tensor, new: gs.Tensor) -> None:
             node.inputs[i] = new
 
 
-def _insert_barrier(graph: gs.Graph, source: gs.Variable, group: list[tuple[gs.Variable, set[int]]]) -> None:
+def _insert_barrier(
+    graph: gs.Graph, names: NameAllocator, source: gs.Variable, group: list[tuple[gs.Variable, set[int]]]
+) -> None:
     in_chain = set().union(*(chain for _, chain in group))
     readers = [node for node in source.outputs if id(node) not in in_chain]
     if not readers:
         return  # only the summaries read x: it dies with them already
-    source_alias = _alias(source, "saved_after")
-    summary_aliases = [_alias(summary, "saved") for summary, _ in group]
+    source_alias = _alias(names, source, "saved_after")
+    summary_aliases = [_alias(names, summary, "saved") for summary, _ in group]
     summary_readers = [list(summary.outputs) for summary, _ in group]
     for node in readers:
         _replace_input(node, source, source_alias)
@@ -122,10 +126,10 @@ def _insert_barrier(graph: gs.Graph, source: gs.Variable, group: list[tuple[gs.V
     graph.nodes.append(
         gs.Node(
             "PassThrough",
-            barrier_name(source.name),
+            names.fresh(barrier_name(source.name)),
             inputs=[source, *(summary for summary, _ in group)],
             outputs=[source_alias, *summary_aliases],
-            domain=_MS_DOMAIN,
+            domain=MS_DOMAIN,
         )
     )
     _LOG.info("save_early: %s computed before the readers of %s", ", ".join(s.name for s, _ in group), source.name)

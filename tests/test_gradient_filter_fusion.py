@@ -22,7 +22,7 @@ from gfcompile.loading import load_and_validate, pin_shapes
 from gfcompile.passrunner import run_passes
 from gfcompile.pipeline import FORWARD_PASSES
 from gfcompile.planning import select_layers
-from passes import gradient_filter, gradient_filter_fusion
+from passes import geometry, gradient_filter, gradient_filter_fusion
 from passes.base import Plan
 from runtime.ort_training import training_api
 from tests.zoo_helpers import ZOO_CASES, export_case, make_batch, randomize_batchnorm, relative_error, torch
@@ -202,7 +202,7 @@ def test_unaligned_pair_with_biases(tmp_path: Path, bn_mode: str) -> None:
     lower, upper = compiled.plan.conv(fusion.lower), compiled.plan.conv(fusion.upper)
     assert fusion.upper_geometry.patch == (4, 4) and fusion.lower_geometry.g_pads == (1, 1, 1, 1)
     assert not fusion.pooled_holds_sums
-    counts = gradient_filter_fusion._block_counts(fusion.upper_geometry)
+    counts = geometry.block_counts(fusion.upper_geometry)
     np.testing.assert_array_equal(counts, np.outer([3, 4, 3], [3, 4, 3]))
 
     # A's bias gradient reads g^_A (count-weighted), which the fusion now writes from B's patches.

@@ -525,7 +525,11 @@ def test_memory_budget_picks_the_smallest_k(exported: dict[str, Path]) -> None:
 def test_session_options_for_tiled_artifacts() -> None:
     from passes.base import Plan
 
-    tiled = row_tiling.required_session_options(Plan(convs=[], row_tiles=8))
+    plan = Plan(convs=[], row_tiles=8)
+    untiled = row_tiling.required_session_options(plan)  # asked for 8 tiles, but no chain was tiled
+    plan.generated.chain_scopes["pool1"] = "rowtile/pool1"
+    tiled = row_tiling.required_session_options(plan)
+    assert untiled == row_tiling.required_session_options(Plan(convs=[]))
     assert tiled == {
         "graph_optimization_level": "ORT_ENABLE_ALL",
         "execution_order": "DEFAULT",
@@ -633,7 +637,7 @@ def test_trainable_tiling_with_recompute_is_exact(
         assert relative_error(t_grads[key], expected) <= 1e-5, key
 
     graph = gs.import_onnx(train.training)
-    chains = row_recompute.tiled_bands(graph)
+    chains = row_recompute.tiled_bands(graph, tiled_plan.generated.chain_scopes)
     trainable_chains = {chain for chain, bands in chains.items() if any(b.backward for b in bands.values())}
     assert trainable_chains, "no trainable chain was tiled"
     for chain in trainable_chains:
@@ -666,7 +670,8 @@ def test_every_trainable_chain_tiled_is_exact(
     chains = row_tiling.candidate_chains(graph, plan, tiles)
     assert sum(chain.trainable for chain in chains) >= 2
     for chain in chains:
-        row_tiling.tile_chain(graph, chain, tiles, strategy)
+        # Tiled here rather than by the pass: publish the band scopes as the pass does, for row_recompute.
+        plan.generated.chain_scopes[chain.name] = row_tiling.tile_chain(graph, chain, tiles, strategy).scope
     tiled = gs.export_onnx(graph.cleanup().toposort())
     x, y = _input(base), np.array([4, 0], dtype=np.int64)
     loss, _, grads, _ = _loss_and_gradients(base, plan, config, tmp_path / "base", x, y)
@@ -844,7 +849,7 @@ def test_recompute_composes_with_gradient_filter_and_relu_masks(exported: dict[s
     assert not any(name.startswith("rowtile/") and f"{conv}" in name for conv in plan.filtered for name in names)
     # activation_mask's Where/Greater on band ReLUs: the masks come from the recomputed band.
     graph = gs.import_onnx(training)
-    for chain in row_recompute.tiled_bands(graph).values():
+    for chain in row_recompute.tiled_bands(graph, plan.generated.chain_scopes).values():
         for band in chain.values():
             originals = {t.name for node in band.forward if "/recompute" not in node.name for t in node.outputs}
             assert not [n.name for n in band.backward if {t.name for t in n.inputs if t is not None} & originals]

@@ -20,7 +20,7 @@ from gfcompile.passrunner import run_passes
 from gfcompile.pipeline import FORWARD_PASSES
 from gfcompile.planning import select_layers
 from passes import activation_mask, gradient_filter, gradient_filter_fusion, save_early
-from passes.gradient_filter import pooled_input_name
+from passes.names import X_POOL
 from runtime.ort_training import training_api
 from tests.zoo_helpers import ZOO_CASES, export_case, make_batch, relative_error
 
@@ -61,7 +61,7 @@ def test_pooled_inputs_run_before_the_filtered_convs(tmp_path: Path) -> None:
     for conv in plan.filtered:
         layer = plan.conv(conv)
         barrier = barriers[layer.input]
-        assert pooled_input_name(conv) in barrier.input
+        assert plan.generated.filter_tensor(conv, X_POOL) in barrier.input
         conv_node = next(n for n in after.graph.node if n.name == conv)
         assert conv_node.input[0] == barrier.output[0]  # the conv waits for x~
 
@@ -77,5 +77,6 @@ def test_pooled_inputs_run_before_the_filtered_convs(tmp_path: Path) -> None:
     order = [e["name"].removesuffix("_kernel_time") for e in json.loads(profile.read_text()) if e.get("cat") == "Node"]
     order = [name for name in order if not name.endswith(("_fence_before", "_fence_after"))]
     for conv in plan.filtered:
-        pool_steps = [i for i, name in enumerate(order) if name.startswith(f"{conv}/gf/x_pool")]
+        x_pool = plan.generated.filter_tensor(conv, X_POOL)
+        pool_steps = [i for i, name in enumerate(order) if name.startswith(x_pool)]
         assert pool_steps and max(pool_steps) < order.index(conv), conv
