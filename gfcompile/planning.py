@@ -8,13 +8,13 @@ trained nor frozen for a stated reason, which the pipeline reports.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import onnx
 from onnx import helper
 
 from passes.base import ConvLayer, Plan
+from passes.geometry import explicit_pads
 from passes.parameters import BN_STATISTICS_INPUTS, PARAMETER_INPUTS, VIEW_OPS
 
 from .config import CompileConfig
@@ -56,7 +56,10 @@ def conv_layers(model: onnx.ModelProto) -> list[ConvLayer]:
         kernel = tuple(attrs.get("kernel_shape", w_shape[2:]))
         strides = tuple(attrs.get("strides", (1, 1)))
         dilations = tuple(attrs.get("dilations", (1, 1)))
-        pads = _explicit_pads(attrs, x_shape, kernel, strides, dilations, node.name)
+        try:
+            pads = explicit_pads(attrs.get("auto_pad"), attrs.get("pads"), x_shape[2:], kernel, strides, dilations)
+        except ValueError as exc:
+            raise GfError(f"conv {node.name!r}: {exc}") from None
         followers = consumers.get(node.output[0], [])
         bn = followers[0].name if len(followers) == 1 and followers[0].op_type == "BatchNormalization" else None
         layers.append(
@@ -78,25 +81,6 @@ def conv_layers(model: onnx.ModelProto) -> list[ConvLayer]:
             )
         )
     return layers
-
-
-def _explicit_pads(attrs, x_shape, kernel, strides, dilations, name) -> tuple[int, int, int, int]:
-    auto_pad = attrs.get("auto_pad", b"NOTSET")
-    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
-    if auto_pad in ("NOTSET", ""):
-        return tuple(attrs.get("pads", (0, 0, 0, 0)))
-    if auto_pad == "VALID":
-        return (0, 0, 0, 0)
-    if auto_pad not in ("SAME_UPPER", "SAME_LOWER"):
-        raise GfError(f"conv {name!r}: unknown auto_pad {auto_pad!r}")
-    begins, ends = [], []
-    for size, k, s, d in zip(x_shape[2:], kernel, strides, dilations, strict=True):
-        out = math.ceil(size / s)
-        total = max(0, (out - 1) * s + (k - 1) * d + 1 - size)
-        small, large = total // 2, total - total // 2
-        begins.append(small if auto_pad == "SAME_UPPER" else large)
-        ends.append(large if auto_pad == "SAME_UPPER" else small)
-    return (begins[0], begins[1], ends[0], ends[1])
 
 
 def select_layers(model: onnx.ModelProto, config: CompileConfig) -> Plan:

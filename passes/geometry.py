@@ -39,7 +39,7 @@ def explicit_pads(
     NOTSET (or empty) keeps `pads` (default zeros); SAME_UPPER puts the odd pad at the end,
     SAME_LOWER at the start. ValueError for any other auto_pad value.
     """
-    mode = auto_pad.decode() if isinstance(auto_pad, bytes) else (auto_pad or "NOTSET")
+    mode = (auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad) or "NOTSET"
     if mode == "NOTSET":
         values = tuple(int(p) for p in (pads if pads is not None else (0, 0, 0, 0)))
         if len(values) != 4:
