@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,6 +20,11 @@ from passes import (
     layernorm_outputs,
     legalize_activations,
     legalize_resize,
+    lower_batchnorm,
+    lower_conv_grad,
+    lower_loss_grad,
+    lower_pool_grad,
+    lower_training_ops,
     row_recompute,
     row_tiling,
     save_early,
@@ -38,7 +44,7 @@ from runtime.manifest import (
 )
 from runtime.trainer import sha256_file
 
-from . import __version__
+from . import __version__, train_step
 from .backward import TrainingModels, build_backward
 from .config import DEFAULT_BATCH_SIZE, CompileConfig
 from .errors import GfError
@@ -61,7 +67,7 @@ from .summary import format_table, layer_costs, totals
 LEGALIZE_PASSES = (untie_parameters, legalize_activations, legalize_resize, layernorm_outputs, concat_inputs)
 FORWARD_PASSES = (frozen_bn_fold, bn_eval_affine, cleanup, row_tiling)
 TRAINING_PASSES = (gradient_filter, gradient_filter_fusion, activation_mask, row_recompute, save_early)
-LOWER_PASSES: tuple = ()
+LOWER_PASSES = (lower_conv_grad, lower_pool_grad, lower_batchnorm, lower_loss_grad, lower_training_ops)
 
 Reporter = Callable[[str], None]
 
@@ -89,9 +95,10 @@ def compile_model(model_path: Path, config: CompileConfig, report: Reporter = pr
         report("building the backward graph with onnxruntime-training ...")
         train = build_backward(forward, plan, config, staging)
         train.training = run_passes(TRAINING_PASSES, train.training, plan, stage="training")
-        train.training = run_passes(LOWER_PASSES, train.training, plan, stage="lower")
+        lowered = run_passes(LOWER_PASSES, train_step.with_shapes(train.training), plan, stage="lower")
+        portable = train_step.build_portable(lowered, train, plan.trainable_params, config)
         train.shapes = layer_shapes_to_record(train.eval, model, forward)
-        write_artifacts(train, plan, config, model_path, costs)
+        write_artifacts(train, plan, config, model_path, costs, portable)
         report("opening the compiled models in onnxruntime ...")
         check_loadable(train.directory, row_tiling.required_session_options(plan), forward, plan)
         publish(staging, config.output_dir, force=config.force)
@@ -99,11 +106,19 @@ def compile_model(model_path: Path, config: CompileConfig, report: Reporter = pr
     return config.output_dir
 
 
-def write_artifacts(train: TrainingModels, plan: Plan, config: CompileConfig, source: Path, costs: list[dict]) -> None:
+def write_artifacts(
+    train: TrainingModels,
+    plan: Plan,
+    config: CompileConfig,
+    source: Path,
+    costs: list[dict],
+    portable: train_step.PortableModels,
+) -> None:
     save_model(train.training, train.directory / "training_model.onnx")
     save_model(train.eval, train.directory / "eval_model.onnx")
     save_model(train.optimizer, train.directory / "optimizer_model.onnx")
-    manifest = build_manifest(train, plan, config, source, costs)
+    portable_spec = train_step.write_portable(portable, train.directory)
+    manifest = dataclasses.replace(build_manifest(train, plan, config, source, costs), portable=portable_spec)
     write_manifest(train.directory, manifest.to_json())
 
 
