@@ -31,6 +31,7 @@ types, and which tensors feed them).
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import json
@@ -405,7 +406,10 @@ def snapshot(path: Path) -> Snapshot:
     if not path.exists():
         raise GfError(f"{path}: no such file or directory")
     if path.is_dir():
-        return _artifacts_snapshot(path)
+        try:
+            return _artifacts_snapshot(path)
+        except RecursionError:  # a manifest nested deeper than Python's stack: hostile, not a traceback
+            raise GfError(f"{path}: manifest.json is nested too deeply to read") from None
     if path.stat().st_size == 0:
         raise GfError(f"{path}: file is empty")
     if path.suffix == ".json":
@@ -479,7 +483,8 @@ def write_snapshot(snap: Snapshot | dict, path: Path) -> None:
     except OSError as exc:
         raise GfError(f"{path}: cannot write the snapshot ({exc.strerror or exc})") from None
     finally:
-        temporary.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # the folder itself may be what failed
+            temporary.unlink(missing_ok=True)
 
 
 def dumps_snapshot(data: dict) -> str:
@@ -579,7 +584,10 @@ def compare(a: Snapshot, b: Snapshot, atol: float = 0.0, ignore: Iterable[str] =
     sections: list[str] = []
     if a.kind == "artifacts":
         sections.append("manifest")
-        differences += _compare_manifest(a.data.get("manifest", {}), b.data.get("manifest", {}), tuple(ignore))
+        try:
+            differences += _compare_manifest(a.data.get("manifest", {}), b.data.get("manifest", {}), tuple(ignore))
+        except RecursionError:  # loadable, but too deep to walk: refused like an unreadable one
+            raise GfError(f"{a.source}, {b.source}: a manifest is nested too deeply to compare") from None
     for name in a.data["models"]:
         sections.append(name)
         differences += _compare_model(name, a, b, atol)

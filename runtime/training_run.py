@@ -13,6 +13,7 @@ only on (seed, step)).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from dataclasses import dataclass
@@ -113,5 +114,6 @@ def export_checked(trainer: Trainer, path: Path, data: Dataset) -> float:
     except OSError as exc:
         raise RunError(f"{path}: cannot write the inference model ({exc.strerror or exc})") from None
     finally:
-        temporary.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # the folder itself may be what failed
+            temporary.unlink(missing_ok=True)
     return worst

@@ -212,3 +212,55 @@ def test_golden_snapshots_are_small_and_hold_no_weights() -> None:
         for summary in data["parameters"].values():
             assert "values" in summary or "stats" in summary
             assert np.prod(summary["shape"]) <= 16 or "values" not in summary
+
+
+def test_malformed_snapshots_and_unwritable_snapshot_paths_are_one_line(tmp_path: Path, capsys) -> None:
+    """Valid JSON of the wrong shape (or nested past Python's stack) is refused before compare() walks it."""
+    from gfcompile.cli import main
+    from tests.tiny_models import save, tiny_cnn
+
+    model = Path(save(tiny_cnn(), tmp_path / "tiny.onnx"))
+    write_snapshot(snapshot(model), tmp_path / "good.json")
+    good = json.loads((tmp_path / "good.json").read_text())
+    broken = {
+        "nested": "[" * 100_000 + "]" * 100_000,
+        "models_list": json.dumps({**good, "models": []}),
+        "nodes_object": json.dumps({**good, "models": {"model": {**good["models"]["model"], "nodes": {"a": 1}}}}),
+        "node_without_op": json.dumps(
+            {**good, "models": {"model": {**good["models"]["model"], "nodes": [{"inputs": [], "outputs": []}]}}}
+        ),
+        "counts_as_text": json.dumps(
+            {**good, "models": {"model": {**good["models"]["model"], "op_counts": {"Conv": "3"}}}}
+        ),
+        "unknown_kind": json.dumps({**good, "kind": "bundle"}),
+        "bad_utf8": b'{"format": "\xff"}',
+    }
+    (tmp_path / "a_dir").mkdir()
+    cases = []
+    for name, text in broken.items():
+        path = tmp_path / f"{name}.json"
+        path.write_bytes(text if isinstance(text, bytes) else text.encode())
+        cases.append(([path, model], "not a"))
+    cases.append(([model, model, "--snapshot", tmp_path / "a_dir"], "is a directory"))
+    cases.append(([model, model, "--snapshot", tmp_path / "good.json" / "x.json"], "cannot write the snapshot"))
+    for args, message in cases:
+        code = main(["diff", *map(str, args)])
+        err = capsys.readouterr().err
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("gfcompile: error:"), (args, err)
+        assert message in lines[0] and "Traceback" not in err, (args, lines)
+    assert sorted(p.name for p in (tmp_path / "a_dir").iterdir()) == []
+    assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
+
+
+def test_artifacts_manifest_is_read_through_the_typed_manifest(artifacts: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(artifacts, broken)
+    manifest = json.loads((broken / "manifest.json").read_text())
+    manifest["plan"]["filtered"] = [2, 2]
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    result = gfcompile("diff", artifacts, broken)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"gfcompile: error: {broken / 'manifest.json'}: plan.filtered: expected an object, got a list"
+    ]
