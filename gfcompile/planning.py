@@ -227,13 +227,13 @@ def explain_selection(model: onnx.ModelProto, plan: Plan) -> list[LayerChoice]:
     """Why each conv trains, is filtered or stays frozen under `plan`.
 
     "Last N" counts convs in the graph's node order (a topological order). On multi-branch
-    nets that order interleaves branches, so the reasons also name frozen convs whose output
-    still flows into the trained part, and the trained convs of a branch that was cut.
+    nets that order interleaves branches, so "last N" can leave a conv of the last block frozen
+    beside trained ones; the reason then says so and where that branch joins the trained part.
     """
     trainable = set(plan.trainable_convs)
     count, n_train = len(plan.convs), len(plan.trainable_convs)
     first_trained = min((layer.index for layer in plan.convs if layer.node in trainable), default=count)
-    feeds_trained = _convs_feeding(model, plan, trainable)
+    beside = _parallel_branches(model, trainable)
     choices = []
     for layer in plan.convs:
         from_end = count - layer.index
@@ -251,29 +251,43 @@ def explain_selection(model: onnx.ModelProto, plan: Plan) -> list[LayerChoice]:
             reason = (
                 f"#{from_end} from the end in graph order, before the first trained conv (#{count - first_trained})"
             )
-            if layer.node in feeds_trained:
+            if layer.node in beside:
                 reason += (
-                    f"; its output joins the trained part at {feeds_trained[layer.node]!r} (a parallel branch or skip)"
+                    f"; a branch parallel to the trained part (the first trained conv does not depend on it), "
+                    f"joining it at {beside[layer.node]!r}"
                 )
         choices.append(LayerChoice(layer.node, layer.index, status, reason))
     return choices
 
 
-def _convs_feeding(model: onnx.ModelProto, plan: Plan, trainable: set[str]) -> dict[str, str]:
-    """Frozen conv -> the first node after the first trained conv that reads its output through
-    non-conv ops: a parallel branch or a skip connection that joins the trained part."""
+def _parallel_branches(model: onnx.ModelProto, trainable: set[str]) -> dict[str, str]:
+    """Frozen conv beside the trained part -> the node where its output joins it.
+
+    A frozen conv that the first trained conv does not depend on sits in a branch parallel to
+    the trained part (inception's first branch, when "last N" took the block's other branches);
+    it joins the trained part at the first node after the first trained conv that reads its
+    output through non-conv ops. Frozen convs upstream of the trained part are not listed.
+    """
     nodes = list(model.graph.node)
     position = {node.name: index for index, node in enumerate(nodes)}
     start = min((position[name] for name in trainable if name in position), default=len(nodes))
+    producers = {output: node for node in nodes for output in node.output}
+    upstream: set[str] = set()
+    frontier = list(nodes[start].input) if start < len(nodes) else []
+    while frontier:
+        producer = producers.get(frontier.pop())
+        if producer is not None and producer.name not in upstream:
+            upstream.add(producer.name)
+            frontier.extend(producer.input)
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for node in nodes:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
     found: dict[str, str] = {}
-    for layer in plan.convs:
-        if layer.node in trainable:
+    for node in nodes[:start]:
+        if node.op_type != "Conv" or node.name in upstream:
             continue
-        frontier, seen, joins = [layer.output], set(), []
+        frontier, seen, joins = list(node.output), set(), []
         while frontier:
             tensor = frontier.pop()
             if tensor in seen:
@@ -285,7 +299,7 @@ def _convs_feeding(model: onnx.ModelProto, plan: Plan, trainable: set[str]) -> d
                 elif reader.op_type != "Conv":
                     frontier.extend(reader.output)
         if joins:
-            found[layer.node] = min(joins, key=lambda node: position[node.name]).name
+            found[node.name] = min(joins, key=lambda reader: position[reader.name]).name
     return found
 
 

@@ -16,6 +16,10 @@ PARAMETER_INPUTS: dict[str, tuple[int, ...]] = {
     "InstanceNormalization": (1, 2),
     "LayerNormalization": (1, 2),
     "PRelu": (1,),
+    # A Linear on a channels-last tensor exports as MatMul + Add(bias); ConvNeXt's layer_scale is a Mul.
+    # A float initializer operand of these is a parameter as much as a Conv bias is.
+    "Add": (0, 1),
+    "Mul": (0, 1),
 }
 # BatchNormalization's running mean and variance: model state that never trains.
 BN_STATISTICS_INPUTS = (3, 4)
