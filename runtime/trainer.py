@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -105,6 +106,14 @@ class EvalResult:
 
 class Trainer:
     """One compiled model, its checkpoint state and its optimizer."""
+
+    def __new__(cls, *args, **kwargs):
+        # The backend is chosen by what is installed: without onnxruntime-training, the portable one.
+        from .portable import PortableTrainer, training_build_installed
+
+        if cls is Trainer and not training_build_installed():
+            cls = PortableTrainer
+        return super().__new__(cls)
 
     def __init__(self, artifacts: Path, checkpoint: Path | None = None, lr: float | None = None):
         ort_quiet()
@@ -371,6 +380,12 @@ class Trainer:
             raise RunError(
                 f"{checkpoint}: cannot write the checkpoint ({exc.strerror or exc}); the previous one is kept"
             ) from None
+        except RuntimeError as exc:  # ORT's checkpoint writer reports a failed write (full disk) as a RuntimeError
+            reason = re.search(r"error:\s*(.*?)\s*errno:", str(exc))
+            raise RunError(
+                f"{checkpoint}: cannot write the checkpoint ({reason.group(1) if reason else _last_line(exc)}); "
+                "the previous one is kept"
+            ) from None
         finally:
             # Interrupted (Ctrl-C) between write and rename: the previous checkpoint stays, no stray temp file.
             for temporary in temporaries:
@@ -396,7 +411,10 @@ class Trainer:
     def export_inference(self, path: Path) -> Path:
         """An inference-only ONNX model with the current weights, runnable by plain onnxruntime."""
         output_names = [value.name for value in self.spec.outputs]
-        self.module.export_model_for_inferencing(str(path), output_names)
+        try:
+            self.module.export_model_for_inferencing(str(path), output_names)
+        except Exception as exc:  # onnxruntime reports a full disk or an unwritable path as a RuntimeError
+            raise RunError(f"{path}: cannot write the inference model ({_last_line(exc)})") from None
         return Path(path)
 
 

@@ -7,8 +7,6 @@ The reference for every lowered op is onnxruntime-training's own kernel for the 
 
 from __future__ import annotations
 
-import collections
-
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -233,5 +231,172 @@ def test_an_op_without_lowering_is_named_in_one_line(tmp_path) -> None:
     assert "\n" not in str(raised.value)
 
 
-def _op_histogram(model: onnx.ModelProto) -> collections.Counter:
-    return collections.Counter((n.domain or "ai.onnx") + "::" + n.op_type for n in model.graph.node)
+# ---------------------------------------------------------------------------------------------
+# Whole models: the portable step in plain-ORT style against the training build, step by step
+# ---------------------------------------------------------------------------------------------
+
+# name -> (zoo case, input C x H x W, CompileConfig options). The filtered cases need maps of at
+# least r x r at the filtered layers, hence 64 x 64 inputs for MobileNetV2.
+MODES = {
+    "exact": {"filter_layers": 0, "train_layers": 3},
+    "filtered_r2": {"filter_layers": 2, "patch_size": 2},
+    "row_tiled": {"filter_layers": 0, "train_layers": 3, "row_tiles": 2, "row_tile_trainable": True},
+    "filtered_tiled": {"filter_layers": 2, "row_tiles": 2, "row_tile_trainable": True},
+}
+FAST_CASES = [("mobilenet_v2", (3, 64, 64), mode) for mode in MODES]
+SLOW_CASES = [
+    (name, shape, mode)
+    for name, shape in (("resnet18", (3, 64, 64)), ("mcunet", (3, 64, 64)), ("deeplabv3_resnet18", (3, 65, 65)))
+    for mode in MODES
+]
+# AdamW divides each gradient element by its own magnitude, so float rounding in a near-zero
+# gradient element (a different but equally exact summation order) moves that weight by up to
+# lr; at lr 1e-4 three steps stay within 1e-5 of the training build. SGD propagates rounding linearly.
+OPTIMIZERS = {"adamw": {"optimizer": "adamw", "lr": 1e-4}, "sgd": {"optimizer": "sgd", "lr": 0.01, "momentum": 0.9}}
+
+
+def compile_zoo(tmp_path, name: str, input_shape: tuple, options: dict):
+    from dataclasses import replace
+
+    from gfcompile.config import CompileConfig
+    from gfcompile.pipeline import compile_model
+    from tests.zoo_helpers import ZOO_CASES, export_case
+
+    case = replace(ZOO_CASES[name], input_shape=input_shape)
+    _, path = export_case(case, tmp_path)
+    config = CompileConfig(batch_size=2, output_dir=tmp_path / "artifacts", **options)
+    return case, compile_model(path, config, report=lambda message: None)
+
+
+def reference_batches(case, classes: int, steps: int = 3):
+    from tests.zoo_helpers import make_batch
+
+    return [make_batch(case, 2, classes, seed=seed) for seed in range(steps)]
+
+
+def assert_backends_agree(artifacts, batches) -> tuple:
+    from runtime.portable import PortableTrainer
+    from runtime.trainer import Trainer
+
+    training_build = Trainer(artifacts)
+    assert type(training_build) is Trainer  # the training wheel is installed here
+    portable = PortableTrainer(artifacts)
+    for x, y in batches:
+        expected_loss = training_build.train_step(x, y)
+        actual_loss = portable.train_step(x, y)
+        assert abs(actual_loss - expected_loss) <= 1e-5, (actual_loss, expected_loss)
+        trained = portable.parameters()
+        for name in training_build.trainable:
+            np.testing.assert_allclose(trained[name], training_build.state.parameters[name].data, rtol=0, atol=1e-5)
+    return training_build, portable
+
+
+@pytest.mark.parametrize(("name", "input_shape", "mode"), FAST_CASES)
+def test_portable_step_matches_training_build(tmp_path, name: str, input_shape: tuple, mode: str) -> None:
+    case, artifacts = compile_zoo(tmp_path, name, input_shape, {**MODES[mode], **OPTIMIZERS["adamw"]})
+    step = onnx.load(str(artifacts / "train_step.onnx"), load_external_data=False)
+    _standard_only(step)
+    assert_backends_agree(artifacts, reference_batches(case, 10))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "input_shape", "mode"), SLOW_CASES)
+def test_portable_step_matches_training_build_zoo(tmp_path, name: str, input_shape: tuple, mode: str) -> None:
+    case, artifacts = compile_zoo(tmp_path, name, input_shape, {**MODES[mode], **OPTIMIZERS["adamw"]})
+    classes = 5 if case.segmentation else 10
+    assert_backends_agree(artifacts, reference_batches(case, classes))
+
+
+@pytest.mark.parametrize("extra", [{}, {"weight_decay": 0.01}])
+def test_portable_momentum_sgd_matches_training_build(tmp_path, extra: dict) -> None:
+    options = {**MODES["filtered_r2"], **OPTIMIZERS["sgd"], **extra}
+    case, artifacts = compile_zoo(tmp_path, "mobilenet_v2", (3, 64, 64), options)
+    assert_backends_agree(artifacts, reference_batches(case, 10))
+
+
+def test_portable_adamw_weight_decay(tmp_path) -> None:
+    options = {"filter_layers": 0, "train_layers": 2, "weight_decay": 0.05, "lr": 1e-4}
+    case, artifacts = compile_zoo(tmp_path, "mobilenet_v2", (3, 64, 64), options)
+    assert_backends_agree(artifacts, reference_batches(case, 10))
+
+
+def test_portable_train_mode_batchnorm(tmp_path) -> None:
+    # SGD: through a batch-statistics BN the conv's weight gradient is a difference of nearly equal
+    # terms, which AdamW's per-element normalisation would turn into lr-sized rounding differences.
+    options = {"filter_layers": 0, "train_layers": 2, "bn_mode": "train", **OPTIMIZERS["sgd"]}
+    case, artifacts = compile_zoo(tmp_path, "mobilenet_v2", (3, 64, 64), options)
+    assert_backends_agree(artifacts, reference_batches(case, 10))
+
+
+def test_portable_checkpoint_resume_export_and_nonfinite(tmp_path) -> None:
+    from runtime.errors import RunError
+    from runtime.portable import PortableTrainer
+    from runtime.safetensors_io import read_safetensors
+
+    case, artifacts = compile_zoo(tmp_path, "mobilenet_v2", (3, 64, 64), {**MODES["filtered_r2"], "lr": 1e-3})
+    batches = reference_batches(case, 10, steps=4)
+    straight = PortableTrainer(artifacts)
+    for x, y in batches:
+        straight.train_step(x, y)
+
+    first = PortableTrainer(artifacts)
+    for x, y in batches[:2]:
+        first.train_step(x, y)
+    checkpoint = tmp_path / "trained.safetensors"
+    first.save(checkpoint)
+    tensors, metadata = read_safetensors(checkpoint)
+    assert metadata["step"] == "2" and set(first.trainable) <= set(tensors)
+    resumed = PortableTrainer(artifacts, checkpoint=checkpoint)
+    assert resumed.step == 2
+    for x, y in batches[2:]:
+        resumed.train_step(x, y)
+    for name, value in straight.parameters().items():
+        np.testing.assert_array_equal(resumed.parameters()[name], value)  # resuming is exact
+
+    # A NaN batch stops before the weights change; with skip_nonfinite it is skipped.
+    before = resumed.parameters()
+    x, y = batches[0]
+    with pytest.raises(RunError, match="step 5: the loss is nan"):
+        resumed.train_step(np.full_like(x, np.nan), y)
+    assert np.isnan(resumed.train_step(np.full_like(x, np.nan), y, skip_nonfinite=True))
+    assert resumed.step == 5
+    for name, value in before.items():
+        np.testing.assert_array_equal(resumed.parameters()[name], value)
+
+    exported = resumed.export_inference(tmp_path / "inference.onnx")
+    session = ort.InferenceSession(str(exported), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(None, {session.get_inputs()[0].name: x})
+    np.testing.assert_allclose(logits, resumed.outputs(x, y)[1], rtol=1e-5, atol=1e-5)
+
+
+def test_portable_backend_is_chosen_without_the_training_wheel(tmp_path) -> None:
+    """In a process where onnxruntime.training cannot be imported, Trainer(...) is the portable one."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from runtime.trainer import Trainer
+
+    case, artifacts = compile_zoo(tmp_path, "mobilenet_v2", (3, 64, 64), MODES["exact"])
+    x, y = reference_batches(case, 10, steps=1)[0]
+    np.savez(tmp_path / "batch.npz", x=x, y=y)
+    script = f"""
+import sys, importlib.abc
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name in ("torch", "onnx", "onnx_graphsurgeon") or name.startswith("onnxruntime.training"):
+            raise ImportError(name + " is blocked")
+sys.meta_path.insert(0, Block())
+import numpy as np
+from runtime.trainer import Trainer
+trainer = Trainer({str(artifacts)!r})
+batch = np.load({str(tmp_path / "batch.npz")!r})
+print(type(trainer).__name__, trainer.train_step(batch["x"], batch["y"]))
+"""
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=root)
+    assert result.returncode == 0, result.stderr[-2000:]
+    kind, loss = result.stdout.split()
+    expected = Trainer(artifacts).train_step(x, y)  # the training build, in this process
+    assert kind == "PortableTrainer"
+    assert float(loss) == pytest.approx(expected, abs=1e-5)
