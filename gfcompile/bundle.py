@@ -88,6 +88,7 @@ def make_bundle(
                     tar.add(folder, arcname=name)
 
             write_file_atomically(output, pack, force=force)
+            shutil.rmtree(staging)  # the folder was only the archive's source
         return output
     check_output_dir(output, force)
     with staging_directory(output) as staging:

@@ -46,6 +46,7 @@ from passes.geometry import filtered_cost
 from .config import CompileConfig
 from .diff import canonical_order, checkpoint_parameters, load_onnx, read_manifest, value_types
 from .errors import GfError
+from .output import write_file_atomically
 from .planning import conv_layers, select_layers, tensor_shapes
 
 FLOAT_BYTES = 4
@@ -556,8 +557,8 @@ def plot(result: Inspection, path: Path) -> Path:
     )
     axes.legend()
     figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
+    try:
+        # Rendered beside `path` and renamed: a full disk or read-only folder is one line, with no half PNG.
+        return write_file_atomically(Path(path), lambda temporary: figure.savefig(temporary, dpi=100, format="png"))
+    finally:
+        plt.close(figure)

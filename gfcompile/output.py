@@ -55,23 +55,41 @@ def staging_directory(output_dir: Path) -> Iterator[Path]:
     """A sibling temp dir that is removed on any failure or stop signal, so no half-written output remains."""
     output_dir = output_dir.resolve()
     staging = None
+    created: list[Path] = []  # parent folders made for this output: removed again if it fails
     try:
-        output_dir.parent.mkdir(parents=True, exist_ok=True)
+        make_parents(output_dir.parent, created)
         sweep_stale_scratch(output_dir)
         # A stop signal between creating the folder and knowing its name would leak it.
         with stop_signals_deferred():
             staging = Path(tempfile.mkdtemp(prefix=f"{_scratch_prefix(output_dir, 'staging')}-", dir=output_dir.parent))
         yield staging
     except OSError as exc:
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
+        _remove(staging, created)
         if exc.errno in WRITE_ERRNOS:
             raise write_error(exc, output_dir) from None
         raise
     except BaseException:
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
+        _remove(staging, created)
         raise
+
+
+def make_parents(directory: Path, created: list[Path]) -> None:
+    """`mkdir -p directory`, appending each folder it makes to `created` (outermost first)."""
+    missing = []
+    while not directory.exists():
+        missing.append(directory)
+        directory = directory.parent
+    for folder in reversed(missing):
+        folder.mkdir(exist_ok=True)
+        created.append(folder)
+
+
+def _remove(scratch: Path | None, created: list[Path]) -> None:
+    if scratch is not None:
+        shutil.rmtree(scratch, ignore_errors=True)
+    for folder in reversed(created):
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only if still empty: never a folder that something else filled meanwhile
 
 
 def publish(staging: Path, output_dir: Path, force: bool = False) -> None:
@@ -141,8 +159,9 @@ def write_file_atomically(path: Path, write: Callable[[Path], None], force: bool
     """
     path = Path(path)
     temporary = None
+    created: list[Path] = []
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_parents(path.parent, created)
         with stop_signals_deferred():
             handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
             os.close(handle)
@@ -156,15 +175,17 @@ def write_file_atomically(path: Path, write: Callable[[Path], None], force: bool
                 os.link(temporary, path)
             except FileExistsError:
                 raise GfError(f"{path}: exists (it appeared while this ran?); pass --force to replace it") from None
-    except OSError as exc:
-        if exc.errno in WRITE_ERRNOS:
-            raise write_error(exc, path) from None
-        if exc.errno in (errno.ENOTDIR, errno.EISDIR, errno.EEXIST):
-            raise GfError(f"{path}: cannot write it ({(exc.strerror or '').lower()})") from None
-        raise
-    finally:
+    except BaseException as exc:
         if temporary is not None:
             temporary.unlink(missing_ok=True)
+        _remove(None, created)
+        if isinstance(exc, OSError) and exc.errno in WRITE_ERRNOS:
+            raise write_error(exc, path) from None
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOTDIR, errno.EISDIR, errno.EEXIST):
+            raise GfError(f"{path}: cannot write it ({(exc.strerror or '').lower()})") from None
+        raise
+    if temporary is not None:
+        temporary.unlink(missing_ok=True)
     return path
 
 

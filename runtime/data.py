@@ -1,7 +1,15 @@
-"""Loading training data (.npz files or image folders) with the preprocessing that the manifest records."""
+"""Loading training data (.npz files or image folders) with the preprocessing that the manifest records.
+
+An .npz is checked before any array is read: its members' .npy headers (shape, dtype) against the
+manifest's per-sample shape and against a memory cap, so a 2 MB zip of zeros that declares a 2 GiB
+array is refused without allocating it (an object dtype, which would need pickle, too).
+"""
 
 from __future__ import annotations
 
+import math
+import os
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,26 +67,101 @@ def load_data(path: Path, manifest: dict, allow_nonfinite: bool = False) -> Data
     return load_npz(path, manifest, allow_nonfinite)
 
 
-def load_npz(path: Path, manifest: dict, allow_nonfinite: bool = False) -> Dataset:
+def load_npz(path: Path, manifest: dict, allow_nonfinite: bool = False, max_bytes: int | None = None) -> Dataset:
+    """Arrays x and y of an .npz; their headers are checked against the manifest and `max_bytes` first.
+
+    `max_bytes` bounds the memory that loading and preprocessing take (default: half of the memory
+    available now).
+    """
     path = Path(path)
     if not path.exists():
         raise RunError(f"{path}: no such data file")
     if not path.is_file():
         raise RunError(f"{path}: not a file; expected an .npz file or a folder of class subfolders")
+    check_npz_headers(path, manifest, available_memory() // 2 if max_bytes is None else max_bytes)
     try:
-        with open(path, "rb") as handle:
-            loaded = np.load(handle, allow_pickle=False)
-            if not isinstance(loaded, np.lib.npyio.NpzFile):
-                raise RunError(f"{path}: a single .npy array; expected an .npz file with arrays 'x' and 'y'")
-            with loaded as archive:
-                if "x" not in archive.files or "y" not in archive.files:
-                    raise RunError(f"{path}: expected arrays 'x' and 'y', found {sorted(archive.files)}")
-                x_raw, y = archive["x"], archive["y"]
-    except RunError:
-        raise
+        with open(path, "rb") as handle, np.load(handle, allow_pickle=False) as archive:
+            x_raw, y = archive["x"], archive["y"]
     except Exception as exc:  # zipfile, zlib, and numpy's format checks raise unrelated types for bad bytes
         raise RunError(f"{path}: not a readable .npz file ({type(exc).__name__}: {exc})") from None
     return validate(preprocess(x_raw, manifest.get("preprocess")), y, manifest, str(path), allow_nonfinite)
+
+
+def read_npz_headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """(shape, dtype) of every array in an .npz, from the .npy headers alone: no array data is read."""
+    with open(path, "rb") as handle:
+        if handle.read(6) == b"\x93NUMPY":
+            raise RunError(f"{path}: a single .npy array; expected an .npz file with arrays 'x' and 'y'")
+    headers = {}
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if not info.filename.endswith(".npy"):
+                    continue
+                with archive.open(info) as member:
+                    version = np.lib.format.read_magic(member)
+                    if version == (1, 0):
+                        shape, _, dtype = np.lib.format.read_array_header_1_0(member)
+                    elif version == (2, 0):
+                        shape, _, dtype = np.lib.format.read_array_header_2_0(member)
+                    else:
+                        raise RunError(
+                            f"{path}: {info.filename} is .npy format {version}, which this runtime does not read"
+                        )
+                    header_bytes = member.tell()
+                if dtype.hasobject:
+                    raise RunError(
+                        f"{path}: {info.filename} holds Python objects (pickle); only numeric arrays are read"
+                    )
+                size = math.prod(shape) * dtype.itemsize
+                if info.file_size != header_bytes + size:
+                    raise RunError(
+                        f"{path}: {info.filename} declares {list(shape)} {dtype} ({size} bytes) but holds "
+                        f"{info.file_size - header_bytes}; the file is corrupted"
+                    )
+                headers[info.filename[: -len(".npy")]] = (tuple(shape), dtype)
+    except RunError:
+        raise
+    except Exception as exc:  # zipfile and numpy's header parser raise unrelated types for bad bytes
+        raise RunError(f"{path}: not a readable .npz file ({type(exc).__name__}: {exc})") from None
+    return headers
+
+
+def check_npz_headers(path: Path, manifest: dict, max_bytes: int) -> None:
+    """Refuse an .npz whose x/y do not fit the model's per-sample shape, or that would not fit in `max_bytes`."""
+    headers = read_npz_headers(path)
+    if "x" not in headers or "y" not in headers:
+        raise RunError(f"{path}: expected arrays 'x' and 'y', found {sorted(headers)}")
+    (x_shape, x_dtype), (y_shape, y_dtype) = headers["x"], headers["y"]
+    expected = [int(d) for d in manifest["inputs"][0]["shape"][1:]]
+    if len(x_shape) >= 1 and list(x_shape[1:]) != expected:
+        raise RunError(f"{path}: inputs have shape {list(x_shape[1:])} per sample, the model expects {expected}")
+    if len(x_shape) >= 1 and len(y_shape) >= 1 and x_shape[0] != y_shape[0]:
+        raise RunError(f"{path}: {x_shape[0]} inputs but {y_shape[0]} labels")
+    # Loading reads x and y; the finiteness check takes a byte per value; other than float32 x
+    # preprocessing makes a float32 copy and one temporary of that size; labels become int64.
+    converted = 0 if x_dtype == np.float32 else 2 * 4
+    needed = math.prod(x_shape) * (x_dtype.itemsize + 1 + converted) + math.prod(y_shape) * (y_dtype.itemsize + 8)
+    if needed > max_bytes:
+        raise RunError(
+            f"{path}: x is {list(x_shape)} {x_dtype}; loading it takes about {needed / 2**20:,.0f} MiB, more than "
+            f"the {max_bytes / 2**20:,.0f} MiB this device can spare; split the data into smaller files"
+        )
+
+
+def available_memory() -> int:
+    """Bytes of memory available to new allocations now (MemAvailable; physical memory where that is unknown)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 32
 
 
 def validate(x: np.ndarray, y: np.ndarray, manifest: dict, source: str, allow_nonfinite: bool = False) -> Dataset:

@@ -10,6 +10,10 @@ converted to the compiled channel count (1: greyscale "L", 3: "RGB", 4: "RGBA"),
 compiled H x W (bilinear), and then goes through the manifest's preprocessing
 (`(x * scale - mean) / std`, layout NCHW or NHWC), exactly like uint8 arrays from an .npz.
 
+Images larger than MAX_IMAGE_PIXELS are refused from their header, before any pixel is decoded:
+a 30000 x 30000 PNG that compresses to kilobytes would otherwise take 900 MB to decode (Pillow
+itself only warns below twice its own limit, and above it raises an error that is not an OSError).
+
 Pillow is imported only here, so .npz-only devices do not need it.
 """
 
@@ -23,6 +27,8 @@ from .errors import RunError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 MODES = {1: "L", 3: "RGB", 4: "RGBA"}
+# Pillow's own DecompressionBomb threshold (about 89 megapixels, e.g. 9460 x 9460): larger is refused.
+MAX_IMAGE_PIXELS = 89_478_485
 
 
 def input_geometry(manifest: dict) -> tuple[int, int, int, str]:
@@ -60,11 +66,19 @@ def load_image(path: Path, channels: int, height: int, width: int) -> np.ndarray
         raise RunError(f"cannot make {channels}-channel images; image folders support 1, 3 or 4 channels")
     try:
         with Image.open(path) as image:
+            width_in, height_in = image.size
+            if width_in * height_in > MAX_IMAGE_PIXELS:
+                raise RunError(
+                    f"{path}: {width_in} x {height_in} pixels is more than the {MAX_IMAGE_PIXELS:,} this runner "
+                    "decodes (a decompression bomb?); resize it first"
+                )
             image = image.convert(MODES[channels])
             if image.size != (width, height):
                 image = image.resize((width, height), Image.Resampling.BILINEAR)
             array = np.asarray(image, dtype=np.uint8)
-    except (OSError, UnidentifiedImageError) as exc:
+    except Image.DecompressionBombError as exc:  # Pillow's own check, in Image.open, for the largest images
+        raise RunError(f"{path}: refused as a decompression bomb ({exc})") from None
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
         raise RunError(f"{path}: not a readable image ({exc})") from None
     return array.reshape(height, width, channels)
 

@@ -1,10 +1,14 @@
 """`gfcompile bundle` and the device runner: torch-free training from images, hash checks,
-kill-and-resume, ORT-format models, and an inference export that matches PyTorch."""
+kill-and-resume, ORT-format models, and an inference export that matches PyTorch.
+
+Authentication (a bundle is data that the installed runtime verifies; signatures, planted code,
+a runtime-only install) is in tests/test_bundle_trust.py."""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -25,7 +29,7 @@ from gfcompile.bundle import make_bundle
 from gfcompile.config import CompileConfig
 from gfcompile.pipeline import compile_model
 from runtime.__main__ import main as gftrain
-from runtime.bundle import check_inference_model, open_trainer, verify_files
+from runtime.bundle import check_inference_model, open_trainer, verify_bundle
 from runtime.data import Dataset, load_data, preprocess
 from runtime.images import load_image_folder
 from runtime.ort_training import training_api
@@ -88,11 +92,12 @@ def images(tmp_path_factory) -> Path:
 
 
 def _run_device(script_args: list[str], cwd: Path, **popen) -> subprocess.Popen:
-    """`python -m runtime ARGS` in a child where torch, onnx and onnx-graphsurgeon cannot be imported."""
+    """The installed runner in a child, run from inside the bundle, where torch, onnx and onnx-graphsurgeon
+    cannot be imported. Isolated (-I): the working directory is not on the import path, as for `gftrain`."""
     script = (
         BLOCK_IMPORTS
         + f"""
-sys.path.insert(0, {str(cwd)!r})  # the bundle's own runtime/
+sys.path.insert(0, {str(ROOT)!r})  # the runtime as installed from this checkout; never the bundle
 from runtime.__main__ import main
 code = main({script_args!r})
 assert not [m for m in ("torch", "onnx_graphsurgeon", "onnx") if sys.modules.get(m) is not None]
@@ -100,22 +105,27 @@ print("RUNTIME_FROM", sys.modules["runtime"].__file__)
 raise SystemExit(code)
 """
     )
-    return subprocess.Popen([sys.executable, "-c", script], cwd=cwd, text=True, **popen)
+    return subprocess.Popen([sys.executable, "-I", "-c", script], cwd=cwd, text=True, **popen)
 
 
 def test_bundle_layout_and_manifest(bundle: Path, artifacts: Path) -> None:
     manifest = json.loads((bundle / "manifest.json").read_text())
     names = set(manifest["files"])
-    assert {"training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint", "README.md"} <= names
-    assert {"runtime/__main__.py", "runtime/trainer.py", "runtime/images.py"} <= names
-    assert all(len(digest) == 64 for digest in manifest["files"].values())
+    data = {"training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint", "README.md"}
+    assert names == data
+    # Data only: no code ships, and SHA256SUMS covers every file, the manifest included.
+    assert sorted(p.name for p in bundle.iterdir()) == sorted([*data, "manifest.json", "SHA256SUMS"])
+    sums = dict(reversed(line.split("  ")) for line in (bundle / "SHA256SUMS").read_text().splitlines())
+    assert set(sums) == data | {"manifest.json"}
+    for name, digest in sums.items():
+        assert hashlib.sha256((bundle / name).read_bytes()).hexdigest() == digest, name
     assert manifest["preprocess"]["mean"] == PREPROCESS["mean"]
     assert manifest["session_options"]["graph_optimization_level"] == "ORT_ENABLE_ALL"
     assert manifest["bundle"]["format"] == "onnx" and manifest["bundle"]["initial_checkpoint"] == "checkpoint"
     assert manifest["plan"] == json.loads((artifacts / "manifest.json").read_text())["plan"]
     readme = (bundle / "README.md").read_text()
-    assert "python -m runtime . --data DATA" in readme and "sha256" in readme
-    verify_files(bundle, manifest)
+    assert "gftrain THIS_FOLDER --data DATA" in readme and "SHA256SUMS" in readme
+    verify_bundle(bundle, notice=lambda message: None)
 
 
 def test_bundle_trains_from_images_without_torch_and_exports_a_model_pytorch_agrees_with(
@@ -128,7 +138,7 @@ def test_bundle_trains_from_images_without_torch_and_exports_a_model_pytorch_agr
     child = _run_device(args, device, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out, err = child.communicate(timeout=300)
     assert child.returncode == 0, err
-    assert f"RUNTIME_FROM {device / 'runtime' / '__init__.py'}" in out
+    assert f"RUNTIME_FROM {ROOT / 'runtime' / '__init__.py'}" in out
     assert "step 6; checkpoint" in out and "matches the trained eval model" in out
 
     # Plain ONNX for plain onnxruntime: no training or contrib ops, an opset ORT 1.19 accepts.
@@ -158,16 +168,17 @@ def test_bundle_trains_from_images_without_torch_and_exports_a_model_pytorch_agr
 
 
 def test_corrupted_or_incomplete_bundle_is_refused(bundle: Path, images: Path, tmp_path: Path, capsys) -> None:
-    for name in ("eval_model.onnx", "checkpoint", "runtime/data.py"):
-        broken = tmp_path / f"broken-{name.replace('/', '_')}"
+    for name in ("eval_model.onnx", "checkpoint", "manifest.json", "README.md"):
+        broken = tmp_path / f"broken-{name}"
         shutil.copytree(bundle, broken)
         blob = bytearray((broken / name).read_bytes())
         blob[len(blob) // 2] ^= 0x01
         (broken / name).write_bytes(bytes(blob))
         assert gftrain([str(broken), "--data", str(images), "--steps", "1"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and err[0].startswith("gftrain: error:"), err
-        assert f"{name} does not match its sha256 in the manifest (corrupted?)" in err[0]
+        errors = [line for line in err if line.startswith("gfcompile: error:")]
+        assert len(errors) == 1 and "Traceback" not in "".join(err), err
+        assert f"{name} does not match its sha256 in SHA256SUMS" in errors[0]
         assert not (broken / "trained_checkpoint").exists()
     missing = tmp_path / "missing"
     shutil.copytree(bundle, missing)
@@ -205,17 +216,20 @@ def test_killed_runner_resumes_with_no_lost_or_repeated_step(bundle: Path, image
     assert steps_logged == list(range(killed_at + 1, total + 1))
 
     # An uninterrupted run of the same bundle, into its own checkpoint.
-    straight = _run_device([*args, "--checkpoint", "straight"], device, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    straight_path = str(tmp_path / "straight")  # outside: the bundle refuses files it does not list
+    straight = _run_device(
+        [*args, "--checkpoint", straight_path], device, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     _, err = straight.communicate(timeout=300)
     assert straight.returncode == 0, err
 
     step_a, resumed_values = _checkpoint_values(device / "trained_checkpoint")
-    step_b, straight_values = _checkpoint_values(device / "straight")
+    step_b, straight_values = _checkpoint_values(tmp_path / "straight")
     assert step_a == step_b == total
     manifest = json.loads((device / "manifest.json").read_text())
     for name in manifest["plan"]["trainable_params"]:
         np.testing.assert_allclose(resumed_values[name], straight_values[name], rtol=1e-6, atol=1e-7, err_msg=name)
-    verify_files(device, manifest)  # the shipped checkpoint was never written
+    verify_bundle(device, notice=lambda message: None)  # the shipped checkpoint was never written
 
 
 def test_ort_format_bundle_trains_like_the_onnx_one(artifacts: Path, bundle: Path, tmp_path: Path) -> None:
@@ -244,9 +258,10 @@ def test_tar_gz_bundle_unpacks_to_a_verified_folder(artifacts: Path, tmp_path: P
     with tarfile.open(archive) as tar:
         names = tar.getnames()
         tar.extractall(tmp_path / "unpacked", filter="data")
-    assert "device/manifest.json" in names and "device/runtime/__main__.py" in names
-    unpacked = tmp_path / "unpacked" / "device"
-    verify_files(unpacked, json.loads((unpacked / "manifest.json").read_text()))
+    assert "device/manifest.json" in names and "device/SHA256SUMS" in names
+    assert not [name for name in names if name.endswith(".py")]
+    verify_bundle(tmp_path / "unpacked" / "device", notice=lambda message: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["device.tar.gz", "unpacked"]  # no staging left
 
 
 def test_bundle_cli_errors_exit_2_with_one_line(artifacts: Path, tmp_path: Path) -> None:
