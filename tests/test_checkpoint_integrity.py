@@ -326,3 +326,24 @@ def test_export_is_checked_and_written_atomically(env: dict, tmp_path: Path) -> 
     _, reference = trainer.outputs(x, np.zeros(BATCH, np.int64))
     np.testing.assert_allclose(logits, reference, rtol=1e-5, atol=1e-6)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "ckpt.sha256", "model.onnx"]
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full to stand in for a full disk")
+def test_full_disk_while_saving_or_exporting_is_one_line_and_keeps_the_checkpoint(
+    env: dict, tmp_path: Path, capsys
+) -> None:
+    checkpoint = tmp_path / "ckpt"
+    _train(env, "adamw", checkpoint, 3)
+    kept = checkpoint.read_bytes()
+    # Writes to /dev/full fail with ENOSPC: the temporary file each writer uses is pointed there.
+    (tmp_path / "ckpt.tmp").symlink_to("/dev/full")
+    argv = ["train", env["adamw"], "--data", env["data"], "--steps", "5", "--save", checkpoint, "--resume"]
+    code, errors = _cli(capsys, *argv, "--checkpoint-every", "1")
+    assert code == 2 and len(errors) == 1 and "cannot write the checkpoint" in errors[0], errors
+    assert checkpoint.read_bytes() == kept and Trainer(env["adamw"], checkpoint=checkpoint).step == 3
+
+    (tmp_path / "model.onnx.tmp.onnx").symlink_to("/dev/full")
+    code, errors = _cli(capsys, *argv, "--export", tmp_path / "model.onnx")
+    assert code == 2 and len(errors) == 1 and "cannot write the inference model" in errors[0], errors
+    assert not (tmp_path / "model.onnx").exists()
+    assert Trainer(env["adamw"], checkpoint=checkpoint).step == 5  # the trained checkpoint was saved first
