@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import accuracy, analytic, federated, layers, memory, step
+from . import accuracy, analytic, convergence, federated, layers, memory, step
 from .common import Suite
 
 SUITES: dict[str, Suite] = {
@@ -17,6 +17,7 @@ SUITES: dict[str, Suite] = {
             "fine-tuning accuracy on digits 5-9: exact BP vs gradient filtering vs row tiling",
             accuracy.run,
         ),
+        Suite("convergence", "time to accuracy on digits 5-9: exact BP vs gradient filtering", convergence.run),
         federated.SUITE,
     )
 }

@@ -20,6 +20,8 @@ from benchmarks.common import peak_rss_bytes
 # task name -> "module:function"; each function takes the params dict and returns a JSON-able dict.
 TASKS: dict[str, str] = {
     "accuracy_train": "benchmarks.accuracy:train_task",
+    "convergence_snr": "benchmarks.convergence:snr_task",
+    "convergence_train": "benchmarks.convergence:train_task",
     "bandwidth": "benchmarks.layers:bandwidth_task",
     "layer_exact": "benchmarks.layers:exact_task",
     "layer_filtered": "benchmarks.layers:filtered_task",
