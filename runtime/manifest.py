@@ -5,7 +5,7 @@ reader (the runtime trainer, `gfcompile diff`, `inspect` and `bundle`) goes thro
 `Manifest.from_json`, which checks types, shapes and value ranges, not only that keys exist. A
 manifest that is valid JSON with the wrong structure is refused with one line naming the field:
 
-    manifest.json: plan.row_tiles: expected an integer, got "4"
+    manifest.json: plan.row_tiles: expected an integer, got the string '4'
 
 Unknown top-level keys (and unknown keys of "bundle") are kept as they are, so a newer writer of
 the same format version can add entries; an unknown `format_version` is refused before anything
@@ -39,6 +39,8 @@ DEFAULT_MODELS = {role: f"{role}_model.onnx" for role in MODEL_ROLES}
 INITIAL_CHECKPOINT = "checkpoint"
 CLASSIFICATION_LOSSES = ("cross_entropy", "pixel_cross_entropy")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+# Far above any compiled manifest (a 500-layer model's is well under 1 MiB): a bigger file is not read.
+MAX_MANIFEST_BYTES = 64 << 20
 # Optional sections that some manifests lack entirely (rather than recording null): written only when present.
 _SECTION = {"omit_when_absent": True}
 
@@ -400,6 +402,8 @@ def read_manifest(directory: Path) -> Manifest:
     if not path.is_file():
         raise RunError(f"{directory}: no {MANIFEST}; is this a gfcompile artifacts folder?")
     try:
+        if path.stat().st_size > MAX_MANIFEST_BYTES:
+            raise RunError(f"{path}: {path.stat().st_size >> 20} MiB, too large for a gfcompile manifest")
         data = json.loads(path.read_bytes())
     except OSError as exc:
         raise RunError(f"{path}: cannot read the manifest ({exc.strerror})") from None
