@@ -40,14 +40,14 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from passes.base import ConvLayer
+from passes.base import ConvLayer, Plan
 from passes.geometry import filtered_cost
 
 from .config import CompileConfig
 from .diff import canonical_order, checkpoint_parameters, load_onnx, read_manifest, value_types
 from .errors import GfError
 from .output import write_file_atomically
-from .planning import conv_layers, select_layers, tensor_shapes
+from .planning import conv_layers, explain_selection, select_layers, tensor_shapes
 
 FLOAT_BYTES = 4
 # ORT names every gradient tensor "<tensor>_grad"; see passes.activation_mask.
@@ -281,6 +281,10 @@ def inspect_artifacts(directory: Path) -> Inspection:
         "largest_transient": transient,
     }
     notes = []
+    if not plan.row_tiles:  # band convs of a tiled compile are not the layers the plan counted
+        layers = conv_layers(eval_model)
+        compiled_plan = Plan(convs=layers, trainable_convs=list(plan.trainable_convs), filtered=dict(plan.filtered))
+        notes += branch_notes(eval_model, compiled_plan)
     if not parameters:
         notes.append("no checkpoint: parameters, gradients and optimizer state are not counted")
     analytic = sum(row.compiled_activation_bytes for row in rows)
@@ -419,8 +423,12 @@ def _measured_activations(training: onnx.ModelProto, parameters: set[str]) -> tu
 
 def inspect_model(path: Path, config: CompileConfig) -> Inspection:
     from .loading import load_and_validate, pin_shapes
+    from .passrunner import run_passes
+    from .pipeline import LEGALIZE_PASSES  # here, not at the top: the pipeline imports this module
 
-    model = pin_shapes(load_and_validate(path), config)
+    # The same legalized graph the compile plans on: legalizing can reorder branches, and "last N" is graph order.
+    legal = run_passes(LEGALIZE_PASSES, load_and_validate(path), None, stage="legalize")
+    model = pin_shapes(legal, config)
     plan = select_layers(model, config)
     trainable_params = set(plan.trainable_params)
     # Which chains row tiling would cut is decided inside the pass; before compiling nothing shows as tiled.
@@ -448,9 +456,21 @@ def inspect_model(path: Path, config: CompileConfig) -> Inspection:
     }
     notes = [
         "not compiled yet: saved activations are the per-layer analytic sum (the compiled graph also "
-        "keeps ReLU masks and BN inputs); compile and inspect the artifacts for a measured figure"
+        "keeps ReLU masks and BN inputs); compile and inspect the artifacts for a measured figure",
+        *branch_notes(model, plan),
     ]
     return Inspection(str(path), False, batch, rows, memory, notes, selection)
+
+
+def branch_notes(model: onnx.ModelProto, plan: Plan) -> list[str]:
+    """On multi-branch nets "the last N convs" (graph order) can leave a conv frozen whose output
+    flows into the trained part (a parallel branch or skip); one note per such conv, with the reason."""
+    return [
+        f"last {len(plan.trainable_convs)} (graph order) leaves {_layer_name(plan.conv(choice.conv).weight)} "
+        f"frozen: {choice.reason}"
+        for choice in explain_selection(model, plan)
+        if choice.status == "frozen" and "joins the trained part" in choice.reason
+    ]
 
 
 # --------------------------------------------------------------------------------------------------

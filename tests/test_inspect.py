@@ -109,7 +109,8 @@ def test_uncompiled_model_lists_what_filter_layers_would_pick(model_path: Path) 
     for name in picked:
         assert f"  {name}  (gradient filter r=2)" in result.stdout
     report = json.loads(gfcompile("inspect", model_path, "--filter-layers", "4", "--format", "json").stdout)
-    assert report["selection"]["trainable_convs"] == picked
+    # The same convs; listed in the legalized graph's order, which the compile plans on.
+    assert sorted(report["selection"]["trainable_convs"]) == sorted(picked)
     assert report["batch"] == 32  # the compile default when the model's batch is dynamic
     assert np.isclose(report["memory"]["gradients"] * 2, report["memory"]["optimizer_state"])
 
