@@ -48,6 +48,7 @@ from .diff import canonical_order, checkpoint_parameters, load_onnx, read_manife
 from .errors import GfError
 from .output import write_file_atomically
 from .planning import conv_layers, explain_selection, select_layers, tensor_shapes
+from .summary import patch_coverage_warnings
 
 FLOAT_BYTES = 4
 # ORT names every gradient tensor "<tensor>_grad"; see passes.activation_mask.
@@ -542,6 +543,7 @@ def format_text(result: Inspection) -> str:
         )
     if any(row.status == "tile" for row in result.rows):
         lines.append("* row-tiled layer (tile K = bands): shapes of its tallest band")
+    lines += patch_coverage_warnings((row.name, row.r, row.output_shape) for row in result.rows)
     lines.append("")
     lines.append(f"estimated peak memory of one training step (batch {result.batch}):")
     for key, label in MEMORY_TERMS:
