@@ -269,12 +269,17 @@ def test_nothing_frozen_or_tied_silently(bench: Workbench, arch: Arch) -> None:
 def test_filtered_trains_one_step(bench: Workbench, arch: Arch) -> None:
     compiled = bench.compile(arch, "filtered")
     trainer = Trainer(compiled.artifacts)
-    assert len(trainer.manifest["plan"]["filtered"]) == TRAIN_LAYERS
+    plan = trainer.manifest["plan"]
+    assert len(plan["trainable_convs"]) == TRAIN_LAYERS
+    # A conv whose output is smaller than r trains exactly (r=1); the plan line must say so.
+    exact = [conv for conv in plan["trainable_convs"] if conv not in plan["filtered"]]
+    unexplained = [conv for conv in exact if not any(conv in line and "r=1" in line for line in compiled.report)]
+    assert not unexplained, f"trainable convs neither filtered nor explained: {unexplained}"
     x, y = batch(arch)
     loss = trainer.train_step(x, y)
     assert math.isfinite(loss)
     text = format_text(inspect_path(compiled.artifacts))
-    assert sum(1 for line in text.splitlines() if " filter r=" in line) == TRAIN_LAYERS
+    assert sum(1 for line in text.splitlines() if " filter r=" in line) == len(plan["filtered"])
 
 
 @pytest.mark.parametrize("arch", MATRIX)
