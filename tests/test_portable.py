@@ -400,3 +400,139 @@ print(type(trainer).__name__, trainer.train_step(batch["x"], batch["y"]))
     expected = Trainer(artifacts).train_step(x, y)  # the training build, in this process
     assert kind == "PortableTrainer"
     assert float(loss) == pytest.approx(expected, abs=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Other environments: the newest onnxruntime on Python 3.13, and onnxruntime-node
+# ---------------------------------------------------------------------------------------------
+
+
+def training_build_run(artifacts, batches) -> tuple[list[float], dict[str, np.ndarray]]:
+    from runtime.trainer import Trainer
+
+    trainer = Trainer(artifacts)
+    losses = [trainer.train_step(x, y) for x, y in batches]
+    return losses, {name: trainer.state.parameters[name].data.copy() for name in trainer.trainable}
+
+
+def _clean_env() -> dict[str, str]:
+    import os
+
+    # As tests/test_plain_onnxruntime.py: nothing of this session's Python environment leaks in.
+    return {k: v for k, v in os.environ.items() if not k.startswith("PYTHON") and k != "VIRTUAL_ENV"}
+
+
+def _python313():
+    from pathlib import Path
+
+    found = sorted(Path.home().glob(".pyenv/versions/3.13*/bin/python"))
+    if not found:
+        pytest.skip("no Python 3.13 under ~/.pyenv")
+    return found[-1]
+
+
+@pytest.mark.slow
+def test_portable_artifacts_train_on_newest_onnxruntime_python313(tmp_path) -> None:
+    """A throwaway Python 3.13 venv with the newest plain onnxruntime (no training build, no torch,
+    no onnx) trains the artifacts of each mode with the runtime package and matches the training build."""
+    import json
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    runs = []
+    for mode, options in MODES.items():
+        case, artifacts = compile_zoo(tmp_path / mode, "mobilenet_v2", (3, 64, 64), {**options, **OPTIMIZERS["adamw"]})
+        batches = reference_batches(case, 10)
+        np.savez(
+            tmp_path / mode / "batches.npz",
+            **{f"{k}{i}": v for i, b in enumerate(batches) for k, v in zip("xy", b, strict=True)},
+        )
+        runs.append((mode, artifacts, batches))
+
+    env_dir = tmp_path / "py313"
+    subprocess.run([str(_python313()), "-m", "venv", str(env_dir)], check=True, env=_clean_env())
+    python = env_dir / "bin" / "python"
+    install = subprocess.run(
+        [str(python), "-I", "-m", "pip", "install", "--quiet", "onnxruntime", "numpy"],
+        capture_output=True,
+        text=True,
+        env=_clean_env(),
+    )
+    assert install.returncode == 0, install.stderr[-2000:]
+    script = f"""
+import importlib.util, json, sys
+import numpy as np
+sys.path.insert(0, {str(root)!r})
+import onnxruntime
+from runtime.trainer import Trainer
+report = {{"python": sys.version_info[:2], "onnxruntime": onnxruntime.__version__, "module": onnxruntime.__file__,
+          "blocked": [m for m in ("onnxruntime.training", "torch", "onnx") if importlib.util.find_spec(m) is not None]}}
+for mode, artifacts in {[(mode, str(a)) for mode, a, _ in runs]!r}:
+    trainer = Trainer(artifacts)
+    report[mode] = type(trainer).__name__
+    batches = np.load(artifacts + "/../batches.npz")
+    losses = [trainer.train_step(batches[f"x{{i}}"], batches[f"y{{i}}"]) for i in range(3)]
+    np.savez(artifacts + "/../plain.npz", losses=np.array(losses), **trainer.parameters())
+print(json.dumps(report))
+"""
+    result = subprocess.run([str(python), "-I", "-c", script], capture_output=True, text=True, env=_clean_env())
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["python"] == [3, 13] and not report["blocked"], report
+    assert Path(report["module"]).resolve().is_relative_to(env_dir.resolve()), report
+    for mode, artifacts, batches in runs:
+        assert report[mode] == "PortableTrainer"
+        losses, params = training_build_run(artifacts, batches)
+        with np.load(tmp_path / mode / "plain.npz") as plain:
+            np.testing.assert_allclose(plain["losses"], losses, rtol=0, atol=1e-5)
+            for name, value in params.items():
+                np.testing.assert_allclose(plain[name], value, rtol=0, atol=1e-5, err_msg=f"{mode}: {name}")
+
+
+@pytest.mark.slow
+def test_node_train_step_matches_training_build(tmp_path) -> None:
+    import os
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    from runtime.safetensors_io import read_safetensors, write_safetensors
+
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        pytest.skip("Node.js and npm are not installed")
+    modules = tmp_path / "node"
+    modules.mkdir()
+    (modules / "package.json").write_text('{"name": "gfcompile-node-check", "private": true}')
+    # The package's install script would fetch CUDA binaries; its CPU binaries ship in the package.
+    env = {**os.environ, "ONNXRUNTIME_NODE_INSTALL_CUDA": "skip", "ONNXRUNTIME_NODE_INSTALL": "skip"}
+    install = subprocess.run(
+        ["npm", "install", "--no-audit", "--no-fund", "onnxruntime-node"],
+        cwd=modules,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert install.returncode == 0, install.stderr[-2000:]
+    case, artifacts = compile_zoo(
+        tmp_path, "mobilenet_v2", (3, 64, 64), {**MODES["filtered_tiled"], **OPTIMIZERS["adamw"]}
+    )
+    batches = reference_batches(case, 10)
+    write_safetensors(
+        tmp_path / "batches.safetensors",
+        {f"{k}{i}": v for i, b in enumerate(batches) for k, v in zip("xy", b, strict=True)},
+        {},
+    )
+    script = Path(__file__).resolve().parents[1] / "scripts" / "node_train_step.mjs"
+    result = subprocess.run(
+        ["node", str(script), str(artifacts), str(tmp_path / "batches.safetensors"), str(tmp_path / "node.safetensors")]
+        + ["--modules", str(modules)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    trained, _ = read_safetensors(tmp_path / "node.safetensors")
+    losses, params = training_build_run(artifacts, batches)
+    np.testing.assert_allclose(trained["loss"], losses, rtol=0, atol=1e-5)
+    for name, value in params.items():
+        np.testing.assert_allclose(trained[name], value, rtol=0, atol=1e-5, err_msg=name)
