@@ -15,7 +15,12 @@ from onnx import helper
 
 from passes.base import ConvLayer, Plan
 from passes.geometry import explicit_pads
-from passes.parameters import BN_STATISTICS_INPUTS, PARAMETER_INPUTS, VIEW_OPS
+from passes.parameters import (
+    BN_STATISTICS_INPUTS,
+    PARAMETER_INPUTS,  # noqa: F401  (backward.py and diff.py import it from here)
+    VIEW_OPS,
+    parameter_slots,
+)
 
 from .config import CompileConfig
 from .errors import GfError
@@ -121,7 +126,7 @@ def select_layers(model: onnx.ModelProto, config: CompileConfig) -> Plan:
     frozen_params: list[str] = []
     trainable_bns = {layer.bn for layer in trainable if layer.bn}
     for position, node in enumerate(nodes):
-        slots = PARAMETER_INPUTS.get(node.op_type, ())
+        slots = parameter_slots(node.op_type)
         if node.op_type == "BatchNormalization":
             # BN follows its conv's fate (unless --bn-mode frozen); its running statistics never train.
             frozen_params += [node.input[i] for i in BN_STATISTICS_INPUTS if node.input[i] in initializers]
