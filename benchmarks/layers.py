@@ -141,6 +141,7 @@ def filtered_backward_model(layer, r: int, upsample: bool):
 
     from passes import gradient_filter as gf
     from passes.base import Plan
+    from passes.names import GX_HAT, X_POOL
 
     c_out = layer.y_shape[1]
     w_shape = (c_out, layer.x_shape[1], *layer.kernel)
@@ -156,13 +157,13 @@ def filtered_backward_model(layer, r: int, upsample: bool):
     graph = gf.run(gs.import_onnx(_model(nodes, inputs, outputs)), plan)
 
     tensors = graph.tensors()
-    x_pool = tensors[gf.pooled_input_name(CONV)]
+    x_pool = tensors[plan.generated.filter_tensor(CONV, X_POOL)]
     x_pool.inputs.clear()  # detach from the pooling chain: x~ becomes a graph input
     grad_x = tensors["dx"]
     if not upsample:
-        hat = f"{CONV}/gf/gx_hat"
+        hat = plan.generated.filter_tensor(CONV, GX_HAT)
         if hat not in tensors:
-            raise RuntimeError(f"the pass no longer names grad_x at patch resolution {hat!r}; update {__name__}")
+            raise RuntimeError(f"the pass wrote no grad_x at patch resolution ({hat!r}); update {__name__}")
         grad_x = tensors[hat]
     graph.inputs = [tensors["gy"], x_pool, tensors["w"]]
     graph.outputs = [_before_reshape(t) for t in (grad_x, tensors["dw"], tensors["db"])]
@@ -261,18 +262,20 @@ def exact_task(params: dict) -> dict[str, Any]:
 def filtered_task(params: dict) -> dict[str, Any]:
     import numpy as np
 
-    from passes import gradient_filter as gf
+    from passes.geometry import filter_geometry
 
     layer = conv_layer(params["c"], params["h"], params["w"], params["batch"])
-    geom = gf.filter_geometry(layer, params["r"])
+    geom = filter_geometry(layer, params["r"])
     rng = np.random.default_rng(0)
     c = params["c"]
+    model = filtered_backward_model(layer, params["r"], params["upsample"])
+    (pooled_input,) = [value.name for value in model.graph.input if value.name not in ("gy", "w")]  # x~
     feeds = {
         "gy": rng.standard_normal(layer.y_shape, dtype=np.float32),
-        gf.pooled_input_name(CONV): rng.standard_normal(geom.x_pooled_shape, dtype=np.float32),
+        pooled_input: rng.standard_normal(geom.x_pooled_shape, dtype=np.float32),
         "w": rng.standard_normal((c, c, 3, 3), dtype=np.float32),
     }
-    result = _time_model(filtered_backward_model(layer, params["r"], params["upsample"]), feeds, params)
+    result = _time_model(model, feeds, params)
     result["grid"] = list(geom.grid)
     result["r"] = params["r"]
     result["x_pooled_shape"] = list(geom.x_pooled_shape)
@@ -413,10 +416,10 @@ def _derive(row: dict[str, Any], gbps: float, gemm_gflops: float) -> None:
     """Speed-ups vs the exact ConvGrad, its GFLOP/s, and the floors of the upsampled variants.
 
     Memory floor: g_y read once + grad_x written once at `gbps`. Compute floor: the filtered
-    backward's FLOPs (`passes.gradient_filter.filtered_cost`, the paper's count) at the rate of a
+    backward's FLOPs (`passes.geometry.filtered_cost`, the paper's count) at the rate of a
     large GEMM. The roofline floor is the larger of the two.
     """
-    from passes.gradient_filter import filtered_cost
+    from passes.geometry import filtered_cost
 
     n, c, h, w = row["batch"], row["c"], row["h"], row["w"]
     exact = row["exact"]["median_s"]

@@ -38,6 +38,12 @@ def compile_parser() -> argparse.ArgumentParser:
     parser.add_argument("-o", "--output", type=Path, default=Path("artifacts"), help="artifacts folder to write")
     parser.add_argument("--force", action="store_true", help="replace a non-empty output folder")
     parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="show the passes' log: what each pass rewrote and why it skipped a candidate",
+    )
+    parser.add_argument(
         "--downconvert",
         action="store_true",
         help="accept an IR version > 10 or opset 22 (newer than onnxruntime-training 1.19 takes) by lowering it; "
@@ -275,6 +281,17 @@ def _read_patch_size_map(path: Path | None) -> dict:
     return patch_size_map
 
 
+def _show_pass_log() -> None:
+    """Print the passes' log (loggers "gfcompile.passes.*", debug level: skipped matches too) to stderr."""
+    import logging
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    logger = logging.getLogger("gfcompile.passes")
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+
+
 def _compile(args: argparse.Namespace) -> int:
     from .pipeline import compile_model
 
@@ -303,6 +320,8 @@ def _compile(args: argparse.Namespace) -> int:
         downconvert=args.downconvert,
     )
     config.check()
+    if args.verbose:
+        _show_pass_log()
     report = (lambda message: None) if args.quiet else (lambda message: print(message, file=sys.stderr))
     compile_model(args.model, config, report=report)
     return 0

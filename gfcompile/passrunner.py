@@ -63,6 +63,10 @@ def run_passes(
         _LOG.debug("running %s (%s stage, %d nodes)", name, stage, len(model.graph.node))
         with _recursion_for(model):
             graph = _run_one(module, gs.import_onnx(model), plan)
+            # Before cleanup: onnx-graphsurgeon's cleanup silently drops one of two tensors that share a name.
+            problem = shared_name_problem(graph)
+            if problem:
+                raise GfError(f"internal error in pass {name}: {problem}")
             graph.cleanup().toposort()
         model = _export_like(graph, model)
         problem = single_producer_problem(model)
@@ -73,14 +77,14 @@ def run_passes(
 
 
 def check_declarations(module: ModuleType, stage: str) -> None:
-    """The module declares the pass contract (STAGE, REQUIRES, FACTS, run) and belongs to `stage`."""
+    """The module declares the pass contract (STAGE, REQUIRES, run; FACTS if any) and belongs to `stage`."""
     name = pass_name(module)
-    for attribute in ("STAGE", "REQUIRES", "FACTS", "run"):
+    for attribute in ("STAGE", "REQUIRES", "run"):
         if not hasattr(module, attribute):
             raise GfError(f"internal error: pass {name} does not declare {attribute}")
     if stage != module.STAGE:
         raise GfError(f"internal error: pass {name} is a {module.STAGE} pass, run in the {stage} stage")
-    unknown = [fact for fact in module.FACTS if fact not in GRAPH_FACTS]
+    unknown = [fact for fact in getattr(module, "FACTS", ()) if fact not in GRAPH_FACTS]
     if unknown:
         raise GfError(f"internal error: pass {name} declares unknown facts {unknown}")
 
@@ -98,6 +102,21 @@ def _run_one(module: ModuleType, graph: gs.Graph, plan: Plan | None) -> gs.Graph
     if not isinstance(result, gs.Graph):
         raise GfError(f"internal error in pass {name}: run() returned {type(result).__name__}, not a graph")
     return result
+
+
+def shared_name_problem(graph: gs.Graph) -> str | None:
+    """Why two different tensor objects of `graph` share a name (None if none do)."""
+    seen: dict[str, gs.Tensor] = {}
+    tensors = [*graph.inputs, *graph.outputs]
+    for node in graph.nodes:
+        tensors.extend(t for t in (*node.inputs, *node.outputs) if t is not None)
+    for tensor in tensors:
+        if not tensor.name:
+            continue
+        first = seen.setdefault(tensor.name, tensor)
+        if first is not tensor:
+            return f"two different tensors are named {tensor.name!r}"
+    return None
 
 
 def single_producer_problem(model: onnx.ModelProto) -> str | None:
@@ -157,7 +176,7 @@ def _export_like(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
 
 def _check_facts(module: ModuleType, model: onnx.ModelProto) -> None:
     name = pass_name(module)
-    for fact in module.FACTS:
+    for fact in getattr(module, "FACTS", ()):
         if fact == "static_shapes":
             for value in model.graph.input:
                 dims = value.type.tensor_type.shape.dim

@@ -4,7 +4,7 @@ A pass is a module with one entry point and three declarations:
 
     STAGE: Stage                  # when it runs: "legalize", "forward", "training" or "lower"
     REQUIRES: tuple[str, ...]     # passes (module names) that must have run before it, in this compile
-    FACTS: tuple[str, ...]        # facts about the input graph it relies on (see GRAPH_FACTS)
+    FACTS: tuple[str, ...]        # optional: facts about the input graph it relies on (see GRAPH_FACTS)
     def run(graph: gs.Graph, plan: Plan | None) -> gs.Graph
 
 Stages, in pipeline order: "legalize" rewrites the loaded model into the subset the compiler
