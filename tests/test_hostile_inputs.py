@@ -1,4 +1,4 @@
-"""Every hostile input of issue 7 through the real command lines, each in its own subprocess.
+"""Every hostile input of issues 7 and 15 through the real command lines, each in its own subprocess.
 
 Each case asserts exit code 2, exactly one error line naming the problem, no traceback, and that
 the output (artifacts folder, checkpoint, bundle, snapshot) is absent or byte-for-byte unchanged.
@@ -12,9 +12,12 @@ import json
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
+import zipfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +26,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from gfcompile.bundle import make_bundle
 from gfcompile.config import CompileConfig
 from gfcompile.pipeline import compile_model
 from runtime.data import batches, load_data
@@ -196,7 +202,70 @@ def env(tmp_path_factory) -> dict:
     e["other_checkpoint"] = tmp / "other_checkpoint"
     (tmp / "garbage_checkpoint").write_bytes(os.urandom(512))
     e["garbage_checkpoint"] = tmp / "garbage_checkpoint"
+
+    # Issue 15: bundles are data verified against SHA256SUMS and, with --trusted-key, a signature.
+    key = ed25519.Ed25519PrivateKey.generate()
+    e["sign_key"] = tmp / "bundle_key.pem"
+    e["sign_key"].write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    e["trusted_key"] = tmp / "bundle_key.pub"
+    e["trusted_key"].write_bytes(
+        key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    planted = make_bundle(artifacts, tmp / "bundle_planted")
+    (planted / "numpy.py").write_text("raise SystemExit(99)\n")
+    e["bundle_planted"] = planted
+    edited = make_bundle(artifacts, tmp / "bundle_lr_edited")
+    manifest = json.loads((edited / "manifest.json").read_text())
+    manifest["optimizer"]["lr"] = 0.901
+    (edited / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    e["bundle_lr_edited"] = edited
+    poisoned = make_bundle(artifacts, tmp / "bundle_poisoned", sign_key=e["sign_key"])
+    flip_byte(poisoned / "checkpoint")
+    manifest = json.loads((poisoned / "manifest.json").read_text())
+    manifest["files"]["checkpoint"] = hashlib.sha256((poisoned / "checkpoint").read_bytes()).hexdigest()
+    (poisoned / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    listed = [line.split("  ")[1] for line in (poisoned / "SHA256SUMS").read_text().splitlines()]
+    (poisoned / "SHA256SUMS").write_text(
+        "".join(f"{hashlib.sha256((poisoned / name).read_bytes()).hexdigest()}  {name}\n" for name in listed)
+    )  # re-hashed by someone without the key
+    e["bundle_poisoned"] = poisoned
+    # A zip bomb whose header declares 64 MiB of samples with the wrong shape: refused from the header.
+    bomb_header = np.lib.format.header_data_from_array_1_0(np.zeros((1, 3, 8, 8), np.float32))
+    bomb_header["shape"] = ((64 << 20) // (3 * 8 * 8 * 4), 3, 8, 8)
+    e["npz_bomb"] = tmp / "bomb.npz"
+    with zipfile.ZipFile(e["npz_bomb"], "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
+        with archive.open("x.npy", "w", force_zip64=True) as member:
+            np.lib.format.write_array_header_1_0(member, bomb_header)
+            left = bomb_header["shape"][0] * 3 * 8 * 8 * 4
+            while left > 0:
+                member.write(bytes(min(left, 4 << 20)))
+                left -= 4 << 20
+        with archive.open("y.npy", "w") as member:
+            np.lib.format.write_array(member, np.zeros(bomb_header["shape"][0], np.int64))
+    # A PNG that declares 30000 x 30000 pixels (its IHDR says so, its data is one row).
+    e["png_bomb"] = tmp / "png_bomb"
+    (e["png_bomb"] / "0").mkdir(parents=True)
+    (e["png_bomb"] / "0" / "huge.png").write_bytes(png_declaring(30000, 30000))
+    e["deep_manifest"] = tampered("deep_manifest", manifest_edit("extra", nested(900)))
     return e
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    idat = zlib.compress(bytes(width + 1))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def nested(depth: int) -> dict:
+    value: dict = {}
+    for _ in range(depth):
+        value = {"a": value}
+    return value
 
 
 @dataclass(frozen=True)
@@ -383,6 +452,52 @@ CASES: dict[str, Case] = {
     ),
     "bundle missing artifacts": Case(lambda e, out: ["bundle", e["tmp"] / "none", "-o", out], "none"),
     "bundle tampered artifacts": Case(lambda e, out: ["bundle", e["tampered_model"], "-o", out], "sha256"),
+    # ---- issue 15: bundles are data that the installed runtime verifies (V3)
+    "gftrain bundle with planted numpy.py": gftrain_case(
+        "data", artifacts="bundle_planted", message=("numpy.py is not listed in SHA256SUMS",)
+    ),
+    "gftrain bundle with an edited lr": gftrain_case(
+        "data", artifacts="bundle_lr_edited", message="manifest.json does not match its sha256 in SHA256SUMS"
+    ),
+    "gftrain poisoned checkpoint, re-hashed": Case(
+        lambda e, out: [
+            e["bundle_poisoned"],
+            "--data",
+            e["data"],
+            "--steps",
+            "2",
+            "--checkpoint",
+            out,
+            "--trusted-key",
+            e["trusted_key"],
+        ],
+        "signature does not match the trusted key",
+        module="runtime",
+    ),  # fmt: skip
+    "gftrain unsigned bundle, trusted key": Case(
+        lambda e, out: [
+            e["bundle_lr_edited"],
+            "--data",
+            e["data"],
+            "--steps",
+            "2",
+            "--checkpoint",
+            out,
+            "--trusted-key",
+            e["trusted_key"],
+        ],
+        "is not signed",
+        module="runtime",
+    ),  # fmt: skip
+    "bundle signed with a public key": Case(
+        lambda e, out: ["bundle", e["artifacts"], "-o", out, "--sign-key", e["trusted_key"]], "not a PEM private key"
+    ),
+    # ---- issue 15: sizes (V8) and nesting (V5)
+    "gftrain npz zip bomb": gftrain_case("npz_bomb", message=("[3, 8, 8] per sample", "expects [3, 16, 16]")),
+    "gftrain 900-megapixel PNG": gftrain_case("png_bomb", message=("huge.png", "decompression bomb")),
+    "diff deeply nested manifest": Case(
+        lambda e, out: ["diff", e["artifacts"], e["deep_manifest"], "--snapshot", out], "nested too deeply"
+    ),
 }
 
 
@@ -445,11 +560,13 @@ def table(env: dict, tmp_path_factory) -> dict:
     return {"results": by_name, "inputs_unchanged": inputs_before == inputs_after, "out_root": out_root}
 
 
-def _check(name: str, code: int, stderr: str, out: Path, prog: str) -> None:
+def _check(name: str, code: int, stderr: str, out: Path) -> None:
     case = CASES[name]
     assert code == 2, (name, code, stderr[-2000:])
     assert "Traceback" not in stderr, (name, stderr[-2000:])
-    errors = [line for line in stderr.splitlines() if line.startswith(f"{prog}: error:")]
+    # Every entry point, the device runner gftrain included, says `gfcompile: error:` as the README promises.
+    assert "gftrain:" not in stderr, (name, stderr)
+    errors = [line for line in stderr.splitlines() if line.startswith("gfcompile: error:")]
     assert len(errors) == 1, (name, stderr)
     for part in (case.message,) if isinstance(case.message, str) else case.message:
         assert part in errors[0], (name, part, errors[0])
@@ -461,7 +578,7 @@ def _check(name: str, code: int, stderr: str, out: Path, prog: str) -> None:
 @pytest.mark.parametrize("name", list(CASES))
 def test_hostile_input_gets_one_clear_line(table: dict, name: str) -> None:
     code, stderr, out = table["results"][name]
-    _check(name, code, stderr, out, "gftrain" if CASES[name].module == "runtime" else "gfcompile")
+    _check(name, code, stderr, out)
 
 
 def test_hostile_inputs_leave_every_input_unchanged(table: dict) -> None:
@@ -474,7 +591,7 @@ def test_hostile_input_as_a_separate_command(env: dict, tmp_path: Path, name: st
     module, argv, out = _invocation(env, name, tmp_path)
     before = {str(p): tree_digest(p) for p in env["tmp"].iterdir()}
     result = run(*argv, module=module)
-    _check(name, result.returncode, result.stderr, out, "gftrain" if module == "runtime" else "gfcompile")
+    _check(name, result.returncode, result.stderr, out)
     assert {str(p): tree_digest(p) for p in env["tmp"].iterdir()} == before
 
 
