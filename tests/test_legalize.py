@@ -525,3 +525,55 @@ def test_dense_concats_train_exactly_at_any_depth(tmp_path, train_layers: int) -
     y = np.array([1, 3], dtype=np.int64)
     plan = check_against_torch(model, path, train_layers, x, y, tmp_path / "artifacts")
     assert len(plan["trainable_convs"]) == train_layers
+
+
+class ConvNeXtBlock(torch.nn.Module):
+    """ConvNeXt's block: depthwise conv, channels-last LayerNorm (no Mean/InvStdDev outputs in the
+    export), Linear layers whose weights reach MatMul through a Transpose, and a layer scale. (ReLU
+    for GELU: ORT fuses the exported Erf pattern into com.microsoft Gelu, a separate matter.)"""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 8, 2, stride=2)
+        self.dwconv = torch.nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.norm = torch.nn.LayerNorm(8)
+        self.up, self.down = torch.nn.Linear(8, 16), torch.nn.Linear(16, 8)
+        self.layer_scale = torch.nn.Parameter(torch.full((8,), 0.3))
+        self.head = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.norm(self.dwconv(x).permute(0, 2, 3, 1))
+        y = self.layer_scale * self.down(torch.relu(self.up(y)))
+        return self.head((x + y.permute(0, 3, 1, 2)).mean((2, 3)))
+
+
+def test_convnext_block_trains_every_parameter_exactly(tmp_path) -> None:
+    """Legalized and planned as the compiler does, ORT's gradient of every planned parameter
+    (the Linear weights behind their Transposes included) equals torch autograd."""
+    from gfcompile.config import CompileConfig
+    from gfcompile.loading import pin_shapes
+    from gfcompile.pipeline import LEGALIZE_PASSES
+    from gfcompile.planning import select_layers
+    from models.export import export_onnx
+
+    torch.manual_seed(0)
+    model = ConvNeXtBlock().eval()
+    path = export_onnx(model, tmp_path / "convnext.onnx", (2, 3, 8, 8))
+    config = CompileConfig(train_layers=1, batch_size=2)
+    legal = pin_shapes(legalize(onnx.load(str(path)), *LEGALIZE_PASSES), config)
+    plan = select_layers(legal, config)
+    named = dict(model.named_parameters())
+    assert set(plan.trainable_params) == {name for name in named if not name.startswith("stem")}
+
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((2, 3, 8, 8)).astype(np.float32)
+    target = rng.standard_normal((2, 4)).astype(np.float32)
+    loss, grads = ort_gradients(legal, plan.trainable_params, x, target)
+    parameters = {name: named[name].detach().numpy().copy() for name in plan.trainable_params}
+    ref_loss, ref_grads = torch_gradients(
+        lambda t, p: torch.func.functional_call(model, p, (t,)), parameters, x, target
+    )
+    assert abs(loss - ref_loss) <= 1e-5 * max(1.0, abs(ref_loss))
+    for name in plan.trainable_params:
+        assert_close(grads[name], ref_grads[name], 1e-4)
