@@ -19,8 +19,10 @@ as ORT's kernel computes it: coordinate_transformation_mode half_pixel, pytorch_
 align_corners, asymmetric and tf_half_pixel_for_nn; nearest_mode round_prefer_floor,
 round_prefer_ceil, floor and ceil. The scale of an axis is the `scales` input when given, else
 output/input size; output sizes come from ONNX shape inference with data propagation (which
-resolves torchvision's Shape -> Gather -> Concat size computations). Refused with ValueError:
-cubic mode, antialias, tf_crop_and_resize, resizing N or C, unknown spatial sizes.
+resolves torchvision's Shape -> Gather -> Concat size computations). A Resize this pass cannot
+rewrite (cubic mode, antialias, tf_crop_and_resize, resizing N or C, unknown spatial sizes) is
+left as is with a logged reason: in the frozen part it needs no gradient, and on the gradient
+path the compiler's load check refuses the artifacts.
 """
 
 from __future__ import annotations
@@ -53,7 +55,11 @@ def run(graph: gs.Graph, plan: Plan | None) -> gs.Graph:
     shapes = inferred_shapes(graph)
     names = NameAllocator(graph)
     for node in resizes:
-        _rewrite(graph, names, node, shapes)
+        try:
+            _rewrite(graph, names, node, shapes)
+        except ValueError as reason:  # raised before the node is touched
+            # Only a Resize on the gradient path needs the rewrite; in the frozen part it may stay.
+            _LOG.warning("%s left as is (ORT has no CPU gradient kernel for it): %s", node.name, reason)
     return graph
 
 
