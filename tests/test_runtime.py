@@ -54,9 +54,13 @@ def test_runtime_trains_in_a_process_without_torch_or_graphsurgeon(exported, tmp
 import sys
 sys.modules["torch"] = None              # any `import torch` now raises ImportError
 sys.modules["onnx_graphsurgeon"] = None
+sys.modules["onnx"] = None               # the manifest, checkpoints and export need no onnx package either
 sys.path.insert(0, {str(ROOT)!r})
 from runtime.__main__ import main
 code = main([{str(artifacts)!r}, "--data", {str(tmp_path / "data.npz")!r}, "--steps", "3"])
+assert code == 0, code
+code = main([{str(artifacts)!r}, "--data", {str(tmp_path / "data.npz")!r}, "--steps", "5", "--export",
+             {str(tmp_path / "model.onnx")!r}])
 assert code == 0, code
 assert "torch" not in [name for name, module in sys.modules.items() if module is not None]
 print("TORCH_FREE_OK")
@@ -64,7 +68,9 @@ print("TORCH_FREE_OK")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "TORCH_FREE_OK" in result.stdout
-    assert (artifacts / "trained_checkpoint").is_file()
+    assert (artifacts / "trained_checkpoint").is_file() and (artifacts / "trained_checkpoint.sha256").is_file()
+    assert Trainer(artifacts, checkpoint=artifacts / "trained_checkpoint").step == 5  # resumed from step 3
+    assert (tmp_path / "model.onnx").is_file()
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
