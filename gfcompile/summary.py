@@ -6,6 +6,8 @@ FLOPs: backward FLOPs of the trained conv layers at batch 1 (see `passes.geometr
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
+
 from passes.base import Plan
 from passes.geometry import filtered_cost
 
@@ -22,6 +24,7 @@ def layer_costs(plan: Plan) -> list[dict]:
             "weight": layer.weight,
             "r": r,
             "input_shape": list(layer.x_shape[1:]),
+            "output_shape": list(layer.y_shape[1:]),
             "vanilla_activation_bytes": cost["vanilla_activation_bytes"],
             "vanilla_backward_flops": cost["vanilla_backward_flops"],
         }
@@ -65,7 +68,40 @@ def format_table(rows: list[dict]) -> str:
         lines.append(f"activation memory {mem_ratio:.1f}x smaller, backward FLOPs {flop_ratio:.1f}x fewer")
     else:
         lines.append("no gradient-filtered layers: compiled costs equal vanilla")
+    lines += patch_coverage_warnings(
+        (row["weight"].removesuffix(".weight"), row["r"], row["output_shape"]) for row in rows
+    )
     return "\n".join(lines)
+
+
+def covers_half_map(r: int | None, output_shape: Sequence[int]) -> bool:
+    """An r x r patch spans at least half the (C x) H x W output map on both axes: at most 2 x 2 patches.
+
+    r = 1 is exact backprop and never counts. This is the regime where fine-tuning with filtered
+    gradients lost accuracy in our measurements (2x2 and 4x4 maps with r = 2, README, Accuracy).
+    """
+    if r is None or r <= 1:
+        return False
+    height, width = output_shape[-2:]
+    return 2 * r >= height and 2 * r >= width
+
+
+def patch_coverage_warnings(layers: Iterable[tuple[str, int | None, Sequence[int]]]) -> list[str]:
+    """One warning per (name, r, output shape) whose patches cover half its map or more, with what to use instead."""
+    warnings = []
+    for name, r, output_shape in layers:
+        if not covers_half_map(r, output_shape):
+            continue
+        height, width = output_shape[-2:]
+        # The largest r with 2r < H and 2r < W (3 or more patches per axis); 1 means: keep this layer exact.
+        smaller = max(1, (min(height, width) - 1) // 2)
+        remedy = f"r <= {smaller}" if smaller > 1 else "exact backprop (r = 1) for it"
+        warnings.append(
+            f"warning: {name}: r={r} patches cover half or more of its {height}x{width} output map, where "
+            f"filtered fine-tuning lost accuracy in our measurements; use {remedy} "
+            f'(--patch-size-map with {{"{name}": {smaller}}}), a smaller --patch-size or a larger input'
+        )
+    return warnings
 
 
 def _kib(count: int) -> str:

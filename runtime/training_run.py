@@ -48,7 +48,7 @@ def start_checkpoint(save: Path, start: Path | None, resume: bool, restart: bool
     if not save.is_file() or not checkpoints.record_path(save).is_file():
         raise RunError(
             f"{save}: already exists and is not a checkpoint the trainer wrote (no "
-            f"{checkpoints.record_path(save).name} beside it); choose another checkpoint path"
+            f"{checkpoints.record_path(save).name} beside it); not overwriting it, choose another checkpoint path"
         )
     if resume:
         return save
