@@ -416,6 +416,21 @@ class TinyDenseNet(torch.nn.Module):
         return self.fc(both.mean((2, 3)))
 
 
+class SharedConcatInput(torch.nn.Module):
+    """One tensor read by two Concats where it is no prefix: only a copy per Concat helps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        conv = torch.nn.Conv2d
+        self.stem, self.a, self.b = conv(3, 4, 3, padding=1), conv(4, 2, 3, padding=1), conv(4, 2, 3, padding=1)
+        self.c, self.d, self.e = conv(6, 2, 1), conv(6, 2, 1), conv(4, 5, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        left, right = torch.cat([self.a(x), x], 1), torch.cat([self.b(x), x], 1)
+        return self.e(torch.cat([self.c(left), self.d(right)], 1)).mean((2, 3))
+
+
 def test_concat_inputs_nest_and_copy() -> None:
     from models.export import export_onnx
 
@@ -578,3 +593,14 @@ def test_convnext_block_trains_every_parameter_exactly(tmp_path) -> None:
     assert abs(loss - ref_loss) <= 1e-5 * max(1.0, abs(ref_loss))
     for name in plan.trainable_params:
         assert_close(grads[name], ref_grads[name], 1e-4)
+
+
+def test_shared_concat_input_trains_exactly(tmp_path) -> None:
+    """Without the Identity copies, onnxruntime-training fails here at 5 trained layers."""
+    from models.export import export_onnx
+
+    torch.manual_seed(0)
+    model = SharedConcatInput().eval()
+    path = export_onnx(model, tmp_path / "shared.onnx", (2, 3, 6, 6))
+    x = np.random.default_rng(12).standard_normal((2, 3, 6, 6)).astype(np.float32)
+    check_against_torch(model, path, 5, x, np.array([4, 0], dtype=np.int64), tmp_path / "artifacts")
