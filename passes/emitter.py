@@ -32,7 +32,8 @@ class Emitter:
         return self.names.claim(scoped(self.scope, local))
 
     def const(self, local: str, values: np.ndarray) -> gs.Constant:
-        return gs.Constant(self.name(local), np.ascontiguousarray(values))
+        array = np.asarray(values)
+        return gs.Constant(self.name(local), np.ascontiguousarray(array) if array.ndim else array)
 
     def constant_node(self, local: str, values: np.ndarray) -> gs.Variable:
         """`values` as the output of a Constant node rather than an initializer: an op's constant
@@ -99,7 +100,7 @@ class Emitter:
         """src * factor; `src` itself when the factor is exactly 1 (meant for small tensors)."""
         if factor == 1.0:
             return src
-        factor_tensor = self.const(f"{local}_factor", np.array(factor, dtype=np.float32))
+        factor_tensor = self.const(f"{local}_factor", np.array([factor], dtype=np.float32))
         return self.op("Mul", local, [src, factor_tensor], shape)
 
 
