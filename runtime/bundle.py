@@ -56,24 +56,23 @@ def verify_bundle(
     notice = notice or (lambda message: print(message, file=sys.stderr))
     listing = _read_capped(directory / CHECKSUMS, MAX_CHECKSUMS_BYTES)
     signature_path = directory / SIGNATURE
+    unchecked = None  # what the notice says once the files check out
     if trusted_key is not None:
         if not signature_path.is_file():
             raise RunError(f"{directory}: is not signed ({SIGNATURE} missing) but --trusted-key asks for a signature")
         signing.verify(listing, _read_capped(signature_path, MAX_SIGNATURE_BYTES), Path(trusted_key), str(directory))
     elif signature_path.exists():
-        notice(
-            f"gfcompile: notice: {directory} is signed, but no --trusted-key was given: the signature is not checked"
-        )
+        unchecked = f"{directory} is signed, but no --trusted-key was given: the signature is not checked"
     else:
-        notice(
-            f"gfcompile: notice: {directory} is not signed: its files match {CHECKSUMS}, but nothing proves who "
-            "made it (sign with `gfcompile bundle --sign-key`, check with `gftrain --trusted-key`)"
+        unchecked = (
+            f"{directory} is not signed: its files match {CHECKSUMS}, but nothing proves who made it "
+            "(sign with `gfcompile bundle --sign-key`, check with `gftrain --trusted-key`)"
         )
     expected = _parse_checksums(listing, directory)
     if MANIFEST not in expected:
         raise RunError(f"{directory}: {CHECKSUMS} does not list {MANIFEST}; copy the whole bundle again")
-    for path in sorted(directory.rglob("*")):
-        name = path.relative_to(directory).as_posix()
+    for path in sorted(directory.iterdir()):  # flat: a folder is itself an unlisted entry
+        name = path.name
         if name in expected or name in (CHECKSUMS, SIGNATURE):
             continue
         if DEVICE_STATE.match(name) and path.is_file() and not path.is_symlink():
@@ -96,6 +95,8 @@ def verify_bundle(
                 else ""
             )
             raise RunError(f"{directory}: {name} does not match its sha256 in {CHECKSUMS} (corrupted or changed){hint}")
+    if unchecked is not None:
+        notice(f"gfcompile: notice: {unchecked}")
 
 
 def open_trainer(
