@@ -127,6 +127,9 @@ def _fill(folder: Path, artifacts: Path, manifest: dict, ort_format: bool, sign_
     models = dict(DEFAULT_MODELS)
     shutil.copy2(artifacts / DEFAULT_MODELS["eval"], folder / DEFAULT_MODELS["eval"])
     shutil.copy2(artifacts / INITIAL_CHECKPOINT, folder / INITIAL_CHECKPOINT)
+    # The portable files (gfcompile/train_step.py) let the bundle train on plain onnxruntime too.
+    for name in portable_files(manifest):
+        shutil.copy2(artifacts / name, folder / name)
     for role in ("training", "optimizer"):
         source = artifacts / DEFAULT_MODELS[role]
         if ort_format:
@@ -155,6 +158,14 @@ def _fill(folder: Path, artifacts: Path, manifest: dict, ort_format: bool, sign_
         except RunError as exc:
             raise GfError(str(exc)) from None
     folder.chmod(0o755)
+
+
+def portable_files(manifest: dict) -> list[str]:
+    """The files of the manifest's "portable" entry (none for artifacts compiled without one)."""
+    portable = manifest.get("portable")
+    if not portable:
+        return []
+    return [portable[key] for key in ("train_step", "eval_step", "inference_template", "frozen_data", "checkpoint")]
 
 
 def _sha256(path: Path) -> str:
@@ -211,7 +222,7 @@ Made by {bundle["made_by"]} ({bundle["format"]} models). Copy this whole folder 
 
 Python 3.10 or 3.11 with the gfcompile runtime installed: {"; ".join(bundle["requires"])}. Build its
 wheel from the gfcompile sources with `pip wheel --no-deps ./runtime -w dist/`, copy it over, and
-`pip install 'gfcompile_runtime-*.whl[images,signing]'`. No torch, no onnx-graphsurgeon. This
+`pip install "./gfcompile_runtime-0.1.0-py3-none-any.whl[images,signing]"`. No torch, no onnx-graphsurgeon. This
 folder holds data only; the installed runner checks it and never imports anything from it.
 
 ## Train
