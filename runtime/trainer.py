@@ -136,6 +136,13 @@ class Trainer:
             raise RunError(f"{checkpoint}: cannot load checkpoint ({_last_line(exc)})") from None
         self.identity = artifacts_identity(self.spec)
         self._check_checkpoint(checkpoint)
+        trains = {name for name, parameter in self.state.parameters if parameter.requires_grad}
+        missing = [name for name in self.spec.plan.trainable_params if name not in trains]
+        if missing:
+            raise RunError(
+                f"{self.artifacts / MANIFEST}: plan.trainable_params: {missing[0]!r} is not a trainable "
+                f"parameter of {checkpoint}"
+            )
         files = self.spec.model_files()
         try:
             self.module = api.Module(

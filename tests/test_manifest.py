@@ -267,3 +267,25 @@ def test_inspect_reports_memory_budget_tiling_as_tiled_layers(tmp_path: Path) ->
     assert table(from_budget) == table(explicit)
     assert [row.name for row in from_budget.rows] == [row.name for row in untiled.rows]
     assert {row.status for row in from_budget.rows[:3]} == {"tile"}
+
+
+@pytest.mark.parametrize("names", [["fc.weight", "fc.bias", "bogus.weight"], ["conv1.weight"]])
+def test_trainable_params_the_checkpoint_does_not_train_are_one_line(
+    compiled: dict, tmp_path: Path, names: list[str], capsys
+) -> None:
+    """Well-formed, but naming parameters the checkpoint lacks or holds frozen: refused before a step."""
+    folder = tmp_path / "artifacts"
+    shutil.copytree(compiled["artifacts"], folder)
+    manifest = _raw(folder)
+    manifest["plan"]["trainable_params"] = names
+    manifest["plan"]["frozen_params"] = [p for p in manifest["plan"]["frozen_params"] if p not in names]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    for main, argv in (
+        (gfcompile_main, ["train", folder, "--data", compiled["data"], "--save", tmp_path / "c"]),
+        (gfcompile_main, ["eval", folder, "--data", compiled["data"]]),
+        (gftrain_main, [folder, "--data", compiled["data"], "--checkpoint", tmp_path / "c"]),
+    ):
+        assert main([str(arg) for arg in argv]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and f"plan.trainable_params: {names[-1]!r} is not a trainable parameter" in lines[0]
+    assert not (tmp_path / "c").exists()
