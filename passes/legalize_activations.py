@@ -3,9 +3,9 @@
 Contract
 --------
 Input: any loaded model (legalize stage, no Plan yet).
-Output: the same function, with every HardSigmoid, HardSwish, Elu, Selu, Celu and Softsign
-node replaced by elementwise standard ops that have ORT gradients and CPU gradient kernels
-(Mul, Add, Div, Clip, Min, Exp, Abs, Relu). Each rewrite follows the op's ONNX definition,
+Output: the same function, with every HardSigmoid, HardSwish, Elu, Selu, Celu, Softsign
+node (and Softplus, Mish) replaced by elementwise standard ops that have ORT gradients and CPU
+gradient kernels (Mul, Add, Sub, Div, Clip, Min, Exp, Log, Tanh, Abs, Relu). Each rewrite follows the op's ONNX definition,
 attributes included, so the forward values agree with ORT's kernels to float rounding:
 
     HardSigmoid(x) = Clip(alpha * x + beta, 0, 1)
@@ -14,6 +14,11 @@ attributes included, so the forward values agree with ORT's kernels to float rou
     Selu(x)        = gamma * Elu(x; alpha)
     Celu(x)        = Relu(x) + alpha * (Exp(Min(x, 0) / alpha) - 1)
     Softsign(x)    = x / (1 + |x|)
+    Softplus(x)    = Log(Exp(Min(x, 20)) + 1) + Relu(x - 20)
+    Mish(x)        = x * Tanh(Softplus(x))
+
+Softplus switches to the identity above 20, as PyTorch does, so Exp cannot overflow; below
+about -17 it returns 0 where the true value is under 6e-8 (its gradient there is still exp(x)).
 
 ORT's gradient builder has no entry for these ops ("The gradient builder has not been
 registered: HardSigmoid"), so without this pass MobileNetV3-style models cannot train past
@@ -109,6 +114,27 @@ def _rewrite_softsign(emit: Emitter, node: gs.Node, x: gs.Tensor, y: gs.Variable
     emit.op("Div", "softsign", [x, denominator], into=y)
 
 
+SOFTPLUS_LINEAR_ABOVE = 20.0
+
+
+def _softplus(emit: Emitter, x: gs.Tensor, into: gs.Variable | None) -> gs.Variable:
+    threshold = _scalar(emit, "threshold", SOFTPLUS_LINEAR_ABOVE)
+    bounded = emit.op("Min", "bounded", [x, threshold])
+    exp = emit.op("Exp", "exp", [bounded])
+    log = emit.op("Log", "log1p_exp", [emit.op("Add", "exp_plus_one", [exp, _scalar(emit, "one", 1.0)])])
+    excess = emit.op("Relu", "excess", [emit.op("Sub", "above", [x, threshold])])
+    return emit.op("Add", "softplus", [log, excess], into=into)
+
+
+def _rewrite_softplus(emit: Emitter, node: gs.Node, x: gs.Tensor, y: gs.Variable) -> None:
+    _softplus(emit, x, into=y)
+
+
+def _rewrite_mish(emit: Emitter, node: gs.Node, x: gs.Tensor, y: gs.Variable) -> None:
+    gate = emit.op("Tanh", "tanh", [_softplus(emit, x, into=None)])
+    emit.op("Mul", "mish", [x, gate], into=y)
+
+
 Rewrite = Callable[[Emitter, gs.Node, gs.Tensor, gs.Variable], None]
 
 REWRITES: dict[str, Rewrite] = {
@@ -118,4 +144,6 @@ REWRITES: dict[str, Rewrite] = {
     "Selu": _rewrite_selu,
     "Celu": _rewrite_celu,
     "Softsign": _rewrite_softsign,
+    "Softplus": _rewrite_softplus,
+    "Mish": _rewrite_mish,
 }

@@ -94,6 +94,8 @@ def _rewrite(graph: gs.Graph, names: NameAllocator, node: gs.Node, shapes: dict)
         raise ValueError(f"{label}: nearest_mode {nearest_mode!r} is not supported")
     if node.attrs.get("antialias", 0):
         raise ValueError(f"{label}: antialiased resize is not supported")
+    if _attr(node, "keep_aspect_ratio_policy", "stretch") != "stretch":
+        raise ValueError(f"{label}: keep_aspect_ratio_policy other than 'stretch' is not supported")
     if node.attrs.get("axes") is not None:
         raise ValueError(f"{label}: the axes attribute is not supported; export the resize over all axes")
     x, y = node.inputs[0], node.outputs[0]

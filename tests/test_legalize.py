@@ -81,7 +81,10 @@ ACTIVATIONS = {
     "Selu": ({}, F.selu),
     "Celu": ({"alpha": 1.5}, lambda x: F.celu(x, alpha=1.5)),
     "Softsign": ({}, F.softsign),
+    "Softplus": ({}, F.softplus),
+    "Mish": ({}, F.mish),
 }
+OPSET_OF = {"Mish": 18}
 
 
 def scaled_activation_model(op: str, attrs: dict, scale: np.ndarray) -> onnx.ModelProto:
@@ -92,7 +95,9 @@ def scaled_activation_model(op: str, attrs: dict, scale: np.ndarray) -> onnx.Mod
     ]
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 5, 5])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 5, 5])
-    return make_model(nodes, [x], [y], [numpy_helper.from_array(scale, "scale")])
+    model = make_model(nodes, [x], [y], [numpy_helper.from_array(scale, "scale")])
+    model.opset_import[0].version = OPSET_OF.get(op, OPSET)
+    return model
 
 
 @pytest.mark.parametrize("op", list(ACTIVATIONS))
@@ -101,6 +106,7 @@ def test_activation_rewrite_matches_ort_and_torch_gradient(op: str) -> None:
     rng = np.random.default_rng(0)
     scale = rng.uniform(0.5, 1.5, (1, 3, 1, 1)).astype(np.float32)
     x = (rng.standard_normal((2, 3, 5, 5)) * 3).astype(np.float32)
+    x[0, 0, 0, :3] = (0.0, 30.0, -30.0)  # softplus: the kink-free point, and both sides of its switch
     target = rng.standard_normal((2, 3, 5, 5)).astype(np.float32)
     original = scaled_activation_model(op, attrs, scale)
     legal = legalize(original, legalize_activations)
