@@ -479,6 +479,30 @@ print(json.dumps(report))
     result = subprocess.run([str(python), "-I", "-c", script], capture_output=True, text=True, env=_clean_env())
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
+
+    # A device bundle of the same artifacts trains there with the unchanged runner (gftrain), resumes
+    # from its checkpoint and exports an inference model.
+    from gfcompile.bundle import make_bundle
+
+    bundle = tmp_path / "bundle"
+    make_bundle(runs[1][1], bundle)
+    x, y = zip(*runs[1][2], strict=True)
+    np.savez(tmp_path / "data.npz", x=np.concatenate(x), y=np.concatenate(y))
+    for steps in (2, 4):
+        argv = [
+            str(bundle),
+            "--data",
+            str(tmp_path / "data.npz"),
+            "--steps",
+            str(steps),
+            "--export",
+            str(tmp_path / "m.onnx"),
+        ]
+        runner = f"import sys; sys.path.insert(0, {str(root)!r}); from runtime.__main__ import main; sys.exit(main({argv!r}))"
+        device = subprocess.run([str(python), "-I", "-c", runner], capture_output=True, text=True, env=_clean_env())
+        assert device.returncode == 0, device.stderr[-3000:]
+        assert f"step {steps};" in device.stdout
+    assert "resuming from" in device.stderr and (tmp_path / "m.onnx").is_file()
     assert report["python"] == [3, 13] and not report["blocked"], report
     assert Path(report["module"]).resolve().is_relative_to(env_dir.resolve()), report
     for mode, artifacts, batches in runs:
