@@ -213,7 +213,7 @@ class Trainer:
         order stays a function of the step) and NaN is returned.
         """
         self.module.train()
-        outputs = self.module(x, y)
+        outputs = self._run_module(x, y)
         loss = float(np.asarray(outputs[0] if isinstance(outputs, (list, tuple)) else outputs))
         problem = None
         if not np.isfinite(loss):
@@ -258,8 +258,17 @@ class Trainer:
     def outputs(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
         """Eval-mode loss and model output for one batch."""
         self.module.eval()
-        outputs = self.module(x, y)
+        outputs = self._run_module(x, y)
         return float(np.asarray(outputs[0])), np.asarray(outputs[1])
+
+    def _run_module(self, x: np.ndarray, y: np.ndarray):
+        try:
+            return self.module(x, y)
+        except Exception as exc:  # onnxruntime's errors for inputs the graph does not take
+            raise RunError(
+                f"step {self.step + 1}: onnxruntime cannot run the model on this batch ({_one_line(exc)}); "
+                f"do the shapes in {self.artifacts / MANIFEST} match the compiled models?"
+            ) from None
 
     def evaluate(self, data: Dataset) -> EvalResult:
         total_loss, correct, count, label_count = 0.0, 0, 0, 0
@@ -447,6 +456,13 @@ def check_writable_file(path: Path, what: str, create_folders: bool = False) -> 
 def _property(state, name: str):
     # ORT's PropertyBag has `in` and [] but no .get().
     return state.properties[name] if name in state.properties else None  # noqa: SIM401
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    """All of an exception's message on one line (onnxruntime puts the useful part mid-message)."""
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+    text = text.split("[ONNXRuntimeError] : ")[-1]  # drop the C++ source location before it
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _last_line(exc: BaseException) -> str:

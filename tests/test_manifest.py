@@ -289,3 +289,24 @@ def test_trainable_params_the_checkpoint_does_not_train_are_one_line(
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and f"plan.trainable_params: {names[-1]!r} is not a trainable parameter" in lines[0]
     assert not (tmp_path / "c").exists()
+
+
+def test_consistent_shapes_the_models_do_not_take_are_one_line(compiled: dict, tmp_path: Path, capsys) -> None:
+    """A well-formed manifest whose batch (everywhere) differs from the compiled graphs': onnxruntime refuses
+    the first batch, and that is one line, with no checkpoint written."""
+    folder = tmp_path / "artifacts"
+    shutil.copytree(compiled["artifacts"], folder)
+    manifest = _raw(folder)
+    for key in ("inputs", "labels", "outputs"):
+        manifest[key][0]["shape"][0] = 2 * BATCH
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    for main, argv in (
+        (gfcompile_main, ["train", folder, "--data", compiled["data"], "--save", tmp_path / "c"]),
+        (gfcompile_main, ["eval", folder, "--data", compiled["data"]]),
+        (gftrain_main, [folder, "--data", compiled["data"], "--checkpoint", tmp_path / "c"]),
+    ):
+        assert main([str(arg) for arg in argv]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and "onnxruntime cannot run the model on this batch" in lines[0], lines
+        assert f"Got: {2 * BATCH} Expected: {BATCH}" in lines[0]
+    assert not (tmp_path / "c").exists()
