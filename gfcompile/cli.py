@@ -290,6 +290,7 @@ def _show_pass_log() -> None:
     logger = logging.getLogger("gfcompile.passes")
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG)
+    logger.propagate = False  # a root handler some library installs would print every line twice
 
 
 def _compile(args: argparse.Namespace) -> int:

@@ -40,7 +40,7 @@ def run(graph: gs.Graph, plan: Plan) -> gs.Graph:
         other_backward_readers = [c for c in activation.outputs if c is not node and id(c) in backward]
         if other_backward_readers:
             _LOG.debug(
-                "activation mask: %s is also read by %s; ReluGrad left alone",
+                "%s is also read by %s; ReluGrad left alone",
                 activation.name,
                 ", ".join(c.name for c in other_backward_readers),
             )

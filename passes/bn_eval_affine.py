@@ -29,7 +29,7 @@ def run(graph: gs.Graph, plan: Plan) -> gs.Graph:
     for bn in [node for node in graph.nodes if node.op == "BatchNormalization"]:
         x, gamma, beta, mean, var = bn.inputs[:5]
         if not all(isinstance(t, gs.Constant) for t in (mean, var)):
-            _LOG.debug("bn eval affine: %s has non-constant running statistics; left alone", bn.name)
+            _LOG.debug("%s has non-constant running statistics; left alone", bn.name)
             continue
         learns = gamma.name in trainable or beta.name in trainable
         if learns and plan.bn_mode == "train":

@@ -94,12 +94,12 @@ def run(graph: gs.Graph, plan: Plan) -> gs.Graph:
         em = Emitter(graph, names, preferred_filter_scope(layer.node))
         _rewrite(em, layer, geom, conv_grad, plan.paper_stride_scaling)
         plan.generated.filter_scopes[conv_name] = em.scope
-        _LOG.info("gradient filter: %s with r=%d under %s/", conv_name, r, em.scope)
+        _LOG.info("%s with r=%d under %s/", conv_name, r, em.scope)
     graph.cleanup().toposort()
     for conv_name, readers in retained_input_readers(graph, plan).items():
         # Not ours to change (e.g. ReluGrad reads the ReLU output that is x), but it decides
         # whether the full-resolution x is still saved, so say so.
-        _LOG.info("gradient filter: input of %s is still read by %s", conv_name, ", ".join(readers))
+        _LOG.info("input of %s is still read by %s", conv_name, ", ".join(readers))
     return graph
 
 

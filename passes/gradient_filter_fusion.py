@@ -93,7 +93,7 @@ def run(graph: gs.Graph, plan: Plan) -> gs.Graph:
     """Feed every fusable lower conv's g^ straight from the upper conv's patch-resolution gradient."""
     names = NameAllocator(graph)
     for fusion in find_fusions(graph, plan):
-        _LOG.info("gradient filter fusion: %s feeds %s at patch resolution", fusion.upper, fusion.lower)
+        _LOG.info("%s feeds %s at patch resolution", fusion.upper, fusion.lower)
         _fuse(graph, names, plan.generated.filter_scopes[fusion.lower], fusion)
     graph.cleanup()
     for conv_name in plan.filtered:
@@ -118,23 +118,21 @@ def find_fusions(graph: gs.Graph, plan: Plan) -> list[Fusion]:
         pooled = tensors.get(scoped(scopes[lower], G_POOL))
         g_y = _pool_input(graph, scopes[lower])
         if pooled is None or g_y is None:
-            _LOG.debug("gradient filter fusion: %s has no pooled output gradient to replace", lower)
+            _LOG.debug("%s has no pooled output gradient to replace", lower)
             continue
         path = _affine_path(g_y, tuple(plan.conv(lower).y_shape), upsamples)
         if path is None:
-            _LOG.debug(
-                "gradient filter fusion: %s's output gradient is not a per-channel scaling of an upsample", lower
-            )
+            _LOG.debug("%s's output gradient is not a per-channel scaling of an upsample", lower)
             continue
         start = path[0].inp if path else g_y
         upper, patch_grad, upsampled = upsamples[start.name]
         geometries = _matching_geometries(plan, lower, upper)
         if geometries is None:
-            _LOG.debug("gradient filter fusion: %s -> %s do not line up", upper, lower)
+            _LOG.debug("%s -> %s do not line up", upper, lower)
             continue
         if pooled.shape is not None and tuple(pooled.shape) != geometries[0].g_pooled_shape:
             # Not the pool gradient_filter builds for this geometry; do not guess what it holds.
-            _LOG.warning("gradient filter fusion: unexpected pool for %s; left alone", lower)
+            _LOG.warning("gradient filter fusion: unexpected pooled gradient of %s; left alone", lower)
             continue
         fusions.append(
             Fusion(lower, upper, patch_grad, upsampled, g_y, pooled, tuple(path), geometries[0], geometries[1])
@@ -395,7 +393,7 @@ def _reduce_split_upsample(graph: gs.Graph, names: NameAllocator, plan: Plan, co
         reader.inputs[0] = weighted[key]
     for split in list(upsampled.outputs):
         split.outputs.clear()  # every used output is now fed at patch resolution
-    _LOG.info("gradient filter fusion: %s's input gradient summed at patch resolution", conv_name)
+    _LOG.info("%s's input gradient summed at patch resolution", conv_name)
 
 
 __all__ = ["FACTS", "REQUIRES", "STAGE", "Fusion", "find_fusions", "run"]

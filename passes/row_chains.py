@@ -239,6 +239,7 @@ class _Region:
     infos: list[OpInfo]
     cuts: list[tuple[int, gs.Variable]]  # (number of nodes before the cut, the cut tensor)
     shapes: dict[str, tuple[int, int, int, int]]
+    ended_by: str = "the end of the graph"  # the node (and why) the region could not take in
 
 
 def _grow(graph: gs.Graph, start: int, entry: gs.Variable, scope: _Scope, claimed: set[int]) -> _Region:
@@ -279,12 +280,15 @@ def _grow(graph: gs.Graph, start: int, entry: gs.Variable, scope: _Scope, claime
                     info = None
         if info is None:
             if touches_interior:
-                break  # a tensor inside would have a reader outside: the region ends here
+                # A tensor inside would have a reader outside: the region ends here.
+                region.ended_by = f"{node.name or node.op} ({_why_not_row_local(node, scope)})"
+                break
             continue  # another reader of the entry only: the entry is materialized anyway
         out_shape = _out_shape(info, region.shapes[node.inputs[info.data_slots[0]].name])
         declared = shape_of(node.outputs[0])
         if out_shape is None or (declared is not None and declared != out_shape):
             if touches_interior:
+                region.ended_by = f"{node.name or node.op} (its output shape does not follow from its rows)"
                 break
             continue
         info.trainable = not frozen
@@ -300,6 +304,29 @@ def _grow(graph: gs.Graph, start: int, entry: gs.Variable, scope: _Scope, claime
         if live == [out.name]:
             region.cuts.append((len(region.infos), out))
     return region
+
+
+def _why_not_row_local(node: gs.Node, scope: _Scope) -> str:
+    if node.name in scope.filtered:
+        return "gradient-filtered"
+    if scope.banded(node):
+        return "tiled already"
+    trainable = node.name in scope.trainable_convs or any(
+        t is not None and t.name in scope.trainable for t in node.inputs
+    )
+    if trainable and not scope.tile_trainable:
+        return "trained; --row-tile-trainable tiles trained layers"
+    if node.op not in _WINDOW_OPS | _POINTWISE_UNARY | _POINTWISE_BINARY:
+        return f"{node.op} is not row-local"
+    return f"{node.op} with this geometry or these operands is not tileable"
+
+
+def describe_regions(graph: gs.Graph, plan: Plan) -> list[str]:
+    """One line per region of row-local ops: where it starts, how many ops, what ended it (for the pass log)."""
+    return [
+        f"{len(region.infos)} row-local ops from {region.entry.name}, ended by {region.ended_by}"
+        for region in find_regions(graph, plan)
+    ]
 
 
 def _out_shape(info: OpInfo, in_shape: tuple[int, ...]) -> tuple[int, int, int, int] | None:

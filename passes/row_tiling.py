@@ -57,6 +57,8 @@ the pass pads the last window instead).
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import onnx_graphsurgeon as gs
 
@@ -71,6 +73,7 @@ from .row_chains import (
     Chain,
     candidate_chains,
     chain_peak_bytes,
+    describe_regions,
     find_regions,
     max_row_tiles,
     select_chains,
@@ -123,6 +126,9 @@ def run(graph: gs.Graph, plan: Plan) -> gs.Graph:
             f"(every band needs at least one); use --row-tiles <= {limit}"
         )
     chains = select_chains(graph, plan, bands, plan.row_strategy)
+    if _LOG.isEnabledFor(logging.DEBUG):
+        for line in describe_regions(graph, plan):
+            _LOG.debug("region: %s", line)
     if not chains:
         # The pipeline tells the user too; `plan.tiled_chains` stays 0, so the artifacts get
         # ORT's default session options and the manifest records no row tiles.

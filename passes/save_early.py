@@ -60,7 +60,7 @@ def run(graph: gs.Graph, plan: Plan) -> gs.Graph:
             continue  # ORT cannot alias a graph input; a graph output must keep its producer
         chain = _chain(summary, source, backward)
         if chain is None:
-            _LOG.debug("save_early: %s is not computed from %s alone; left alone", summary.name, source.name)
+            _LOG.debug("%s is not computed from %s alone; left alone", summary.name, source.name)
             continue
         group = groups.setdefault(source.name, [])
         if all(existing is not summary for existing, _ in group):
@@ -132,7 +132,7 @@ def _insert_barrier(
             domain=MS_DOMAIN,
         )
     )
-    _LOG.info("save_early: %s computed before the readers of %s", ", ".join(s.name for s, _ in group), source.name)
+    _LOG.info("%s computed before the readers of %s", ", ".join(s.name for s, _ in group), source.name)
 
 
 __all__ = ["FACTS", "REQUIRES", "STAGE", "barrier_name", "run"]
