@@ -19,6 +19,7 @@ from gfcompile.loadcheck import check_loadable
 from gfcompile.loading import MAX_IR_VERSION, MAX_OPSET
 from gfcompile.pipeline import compile_model
 from gfcompile.planning import select_layers
+from runtime.trainer import Trainer
 from tests.tiny_models import ConvSpec, tiny_cnn
 from tests.zoo_helpers import relative_error, torch
 
@@ -221,3 +222,39 @@ def test_unloadable_artifacts_are_refused_with_the_forward_node(tmp_path: Path) 
     assert "\n" not in message
     assert "node 'odd' (Neg): its gradient op ResizeGrad" in message and "no CPU kernel" in message
     assert "--train-layers 2 (or fewer)" in message
+
+
+# --------------------------------------------------------------------------------------------------
+# What torch's default exporter writes
+
+DYNAMO = Path(__file__).parent / "data" / "dynamo_tiny"
+
+
+def test_default_exporter_output_compiles_and_matches_torch(tmp_path: Path) -> None:
+    """tiny_dynamo.onnx is a plain `torch.onnx.export(model, x, path)` with torch 2.13's dynamo exporter
+    (see make_tiny_dynamo.py): IR 10, opset 20, external data, BatchNorm folded into conv1/conv2."""
+    from tests.data.dynamo_tiny.make_tiny_dynamo import Tiny
+
+    source = onnx.load(str(DYNAMO / "tiny_dynamo.onnx"), load_external_data=False)
+    assert source.ir_version == 10 and source.opset_import[0].version == 20
+    assert any(init.data_location == onnx.TensorProto.EXTERNAL for init in source.graph.initializer)
+    model = Tiny()
+    state = np.load(DYNAMO / "tiny_dynamo_state.npz")
+    model.load_state_dict({key: torch.from_numpy(state[key]) for key in state.files})
+    model.eval()
+    config = CompileConfig(train_layers=2, batch_size=2, optimizer="sgd", momentum=0.0, output_dir=tmp_path / "out")
+    trainer = Trainer(compile_model(DYNAMO / "tiny_dynamo.onnx", config, report=lambda message: None))
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 3, 16, 16)).astype(np.float32)
+    y = rng.integers(0, 5, size=2).astype(np.int64)
+    trainer.module.train()
+    loss = float(trainer.module(x, y)[0])
+    logits = model(torch.from_numpy(x))
+    expected = torch.nn.functional.cross_entropy(logits, torch.from_numpy(y))
+    expected.backward()
+    assert abs(loss - float(expected)) <= 1e-5
+    # conv3 and fc are not folded, so their gradients are torch's own.
+    named = dict(model.named_parameters())
+    for name in ("conv3.weight", "conv3.bias", "fc.weight", "fc.bias"):
+        actual = trainer.state.parameters[name].grad
+        assert relative_error(actual, named[name].grad.numpy()) <= 1e-4, name
