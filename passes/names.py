@@ -64,7 +64,8 @@ class NameAllocator:
         return candidate
 
     def scope(self, preferred: str) -> str:
-        """A prefix P such that no name in use (or scope handed out) is P or starts with "P/".
+        """A prefix P such that no name in use starts with "P/" and no scope handed out is, holds or
+        lies inside P (P itself may be a name in use, e.g. the node a pass rewrites).
 
         Names "P/<anything>" are then new, whoever made them; an Emitter relies on that.
         """
@@ -73,7 +74,6 @@ class NameAllocator:
             attempt += 1
             candidate = self._variant(preferred, attempt)
         self._scopes.add(candidate)
-        self._taken.add(candidate)
         return candidate
 
     def _variant(self, preferred: str, attempt: int) -> str:
@@ -85,8 +85,10 @@ class NameAllocator:
         return f"{preferred}{_RETRY_MARK}{attempt}"
 
     def _scope_clashes(self, candidate: str) -> bool:
+        # A scope may equal a name in use (a node's own name as the scope of its rewrite): only
+        # names "P/..." are handed out under it.
         inner = candidate + SEPARATOR
-        if candidate in self._taken or self._inside_scope(candidate):
+        if candidate in self._scopes or self._inside_scope(candidate):
             return True
         return any(name.startswith(inner) for name in self._taken) or any(
             scope.startswith(inner) for scope in self._scopes

@@ -61,6 +61,7 @@ def test_allocator_never_hands_out_a_name_in_use() -> None:
     assert scope == "conv/gf~1"
     assert names.scope("conv/gf") == "conv/gf~2"  # and a scope handed out is not handed out again
     assert names.scope("other") == "other"
+    assert names.scope("relu") == "relu"  # a node's own name may scope its rewrite: only "relu/..." is handed out
     # A name inside someone else's scope is never handed out by fresh(), even if unused.
     assert not names.fresh("other/x").startswith("other/")
     # No variant of a name inside a scope can leave it by a suffix; the first component changes.
