@@ -14,7 +14,8 @@ BatchNorm in eval mode with random running statistics), exported with `models.ex
   compile.
 
 The fast subset runs by default; the full matrix (the 14 architectures of issue 13, their sibling
-sizes and the segmentation nets) is marked slow.
+sizes and the segmentation nets) is marked slow and torchvision_matrix, which pyproject's addopts
+deselects (hours on 2 cores): `pytest -m torchvision_matrix tests/test_torchvision_coverage.py`.
 """
 
 from __future__ import annotations
@@ -117,7 +118,7 @@ SLOW = [
     Arch("inception_v3", size=96),
 ]
 MATRIX = [pytest.param(arch, id=arch.name) for arch in FAST] + [
-    pytest.param(arch, id=arch.name, marks=pytest.mark.slow) for arch in SLOW
+    pytest.param(arch, id=arch.name, marks=[pytest.mark.slow, pytest.mark.torchvision_matrix]) for arch in SLOW
 ]
 
 
