@@ -24,6 +24,7 @@ from gfcompile.pipeline import FORWARD_PASSES
 from gfcompile.planning import select_layers
 from passes import geometry, gradient_filter, gradient_filter_fusion
 from passes.base import Plan
+from passes.names import G_POOL, UPSAMPLE, in_role, preferred_filter_scope, scoped
 from runtime.ort_training import training_api
 from tests.zoo_helpers import ZOO_CASES, export_case, make_batch, randomize_batchnorm, relative_error, torch
 
@@ -89,12 +90,13 @@ def _ops_named(model: onnx.ModelProto, prefix: str) -> list[str]:
     return [node.op_type for node in model.graph.node if node.name.startswith(prefix)]
 
 
+# These models name nothing like the filter's tensors, so each conv's filter scope is the preferred one.
 def _pool_nodes(model: onnx.ModelProto, conv: str) -> list[str]:
-    return _ops_named(model, f"{conv}/gf/g_pool")
+    return _ops_named(model, scoped(preferred_filter_scope(conv), G_POOL))
 
 
 def _upsample_nodes(model: onnx.ModelProto, conv: str) -> list[str]:
-    return [n.op_type for n in model.graph.node if n.name == f"{conv}/gf/up" or n.name.startswith(f"{conv}/gf/up_")]
+    return [n.op_type for n in model.graph.node if in_role(preferred_filter_scope(conv), UPSAMPLE, n.name)]
 
 
 def _signature(model: onnx.ModelProto) -> list[tuple]:
