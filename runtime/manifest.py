@@ -41,6 +41,9 @@ CLASSIFICATION_LOSSES = ("cross_entropy", "pixel_cross_entropy")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 # Far above any compiled manifest (a 500-layer model's is well under 1 MiB): a bigger file is not read.
 MAX_MANIFEST_BYTES = 64 << 20
+# A compiled manifest nests about 5 levels; free-form entries (config, metadata) are capped too, so
+# no reader (serialising, hashing, diffing) recurses past Python's stack.
+MAX_NESTING = 32
 # Optional sections that some manifests lack entirely (rather than recording null): written only when present.
 _SECTION = {"omit_when_absent": True}
 
@@ -360,6 +363,9 @@ class Manifest:
                 f"manifest format {version!r} is not {FORMAT_VERSION}; recompile with this gfcompile version",
                 source,
             )
+        depth = _nesting(data)
+        if depth > MAX_NESTING:
+            raise ManifestError("", f"nested {depth} levels deep, more than the {MAX_NESTING} a manifest may", source)
         try:
             return _convert(data, cls, "")
         except _Invalid as exc:
@@ -434,6 +440,17 @@ def manifest_sha256(manifest: Manifest | dict[str, Any]) -> str:
 
 # --------------------------------------------------------------------------------------------------
 # JSON <-> dataclasses, driven by the type hints above
+
+
+def _nesting(value: Any) -> int:
+    """How deeply lists and objects nest in `value`, counted without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 def _json_kind(value: Any) -> str:

@@ -96,12 +96,21 @@ def _set(path: str, value) -> Callable[[dict], None]:
     return edit
 
 
-def _delete(key: str) -> Callable[[dict], None]:
-    return lambda manifest: manifest.pop(key)
+def _delete(path: str) -> Callable[[dict], None]:
+    """An edit that removes a nested entry ("plan", "files.checkpoint")."""
+
+    def edit(manifest: dict) -> None:
+        *parents, last = path.split(".")
+        target = manifest
+        for key in parents:
+            target = target[key]
+        del target[last]
+
+    return edit
 
 
-# name -> (edit of the parsed manifest, or replacement text; the field the error must name)
-WRONG: dict[str, tuple[Callable[[dict], None] | str, str]] = {
+# name -> (edit of the parsed manifest (in place, or returning the new text), or the new text; what the error says)
+WRONG: dict[str, tuple[Callable[[dict], str | None] | str, str]] = {
     "missing plan": (_delete("plan"), "plan: missing"),
     "missing optimizer": (_delete("optimizer"), "optimizer: missing"),
     "row tiles as a string": (_set("plan.row_tiles", "4"), "plan.row_tiles: expected an integer"),
@@ -136,7 +145,7 @@ WRONG: dict[str, tuple[Callable[[dict], None] | str, str]] = {
         "files['../../etc/passwd']: '../../etc/passwd' is not a file name inside the folder",
     ),
     "checkpoint not hashed": (
-        lambda m: m["files"].pop("checkpoint"),
+        _delete("files.checkpoint"),
         "files: lists no sha256 for checkpoint",
     ),
     "source hash not hex": (_set("source.sha256", "xyz"), "source.sha256: expected 64 lowercase hex digits"),
@@ -145,6 +154,11 @@ WRONG: dict[str, tuple[Callable[[dict], None] | str, str]] = {
     "unknown format version": (_set("format_version", 2), "format_version: manifest format 2 is not 1"),
     "a list, not an object": ("[1, 2, 3]", "manifest.json: expected a JSON object, got a list"),
     "nested deeper than the stack": ("[" * 100_000 + "]" * 100_000, "corrupted manifest (not JSON: nested too deeply)"),
+    # Parses (json's own limit is about 1,000 levels), but serialising or diffing it recursed past the stack.
+    "free-form entry nested 900 deep": (
+        lambda m: json.dumps(m).replace('"config": {', '"config": {"deep": ' + "[" * 900 + "]" * 900 + ", ", 1),
+        "manifest.json: nested 902 levels deep, more than the 32 a manifest may",
+    ),
 }
 
 ENTRY_POINTS: dict[str, Callable[[dict, Path, Path], tuple[Callable, list[str]]]] = {
@@ -171,8 +185,8 @@ def wrong_artifacts(compiled: dict) -> dict[str, Path]:
             (folder / "manifest.json").write_text(change)
         else:
             manifest = _raw(folder)
-            change(manifest)
-            (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
+            replaced = change(manifest)  # an edit in place, or the whole new text
+            (folder / "manifest.json").write_text(replaced if isinstance(replaced, str) else json.dumps(manifest))
         folders[name] = folder
     return folders
 
