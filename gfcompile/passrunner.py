@@ -67,8 +67,11 @@ def run_passes(
             problem = shared_name_problem(graph)
             if problem:
                 raise GfError(f"internal error in pass {name}: {problem}")
-            graph.cleanup().toposort()
-        model = _export_like(graph, model)
+            try:
+                graph.cleanup().toposort()
+                model = _export_like(graph, model)
+            except Exception as exc:  # the pass left a graph onnx-graphsurgeon cannot sort or export
+                raise GfError(f"internal error in pass {name}: {_one_line(exc)}") from exc
         problem = single_producer_problem(model)
         if problem:
             raise GfError(f"internal error in pass {name}: {problem}")
@@ -97,8 +100,7 @@ def _run_one(module: ModuleType, graph: gs.Graph, plan: Plan | None) -> gs.Graph
         raise GfError(f"{name}: {exc}") from None
     except Exception as exc:
         _LOG.debug("pass %s failed", name, exc_info=True)
-        detail = str(exc).splitlines()[0] if str(exc) else ""
-        raise GfError(f"internal error in pass {name}: {type(exc).__name__}: {detail}".rstrip(": ")) from exc
+        raise GfError(f"internal error in pass {name}: {_one_line(exc)}") from exc
     if not isinstance(result, gs.Graph):
         raise GfError(f"internal error in pass {name}: run() returned {type(result).__name__}, not a graph")
     return result
@@ -117,6 +119,11 @@ def shared_name_problem(graph: gs.Graph) -> str | None:
         if first is not tensor:
             return f"two different tensors are named {tensor.name!r}"
     return None
+
+
+def _one_line(exc: Exception) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
 def single_producer_problem(model: onnx.ModelProto) -> str | None:
