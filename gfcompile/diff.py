@@ -49,12 +49,14 @@ from onnx import helper, numpy_helper
 
 from runtime import manifest as runtime_manifest
 from runtime.errors import RunError
-from runtime.manifest import MANIFEST, Manifest
+from runtime.manifest import MANIFEST, Manifest, nesting_depth
 
 from .errors import GfError
 from .planning import BN_STATISTICS_INPUTS, PARAMETER_INPUTS
 
 SNAPSHOT_FORMAT = "gfcompile-snapshot/1"
+# Snapshots nest about 8 levels (model, nodes, attributes); deeper input would recurse past the stack in compare().
+MAX_SNAPSHOT_NESTING = 64
 MODEL_FILES = ("training_model", "eval_model", "optimizer_model")
 # Manifest entries that record where and when things were written, not what was compiled. `files` holds
 # the file hashes; the files themselves are compared in canonical form instead.
@@ -516,6 +518,11 @@ def read_snapshot(path: Path) -> Snapshot:
         raise GfError(f"{path}: not a readable snapshot ({problem})") from None
     if not isinstance(data, dict) or data.get("format") != SNAPSHOT_FORMAT:
         raise GfError(f"{path}: not a gfcompile snapshot (expected format {SNAPSHOT_FORMAT!r})")
+    depth = nesting_depth(data)
+    if depth > MAX_SNAPSHOT_NESTING:
+        raise GfError(
+            f"{path}: not a gfcompile snapshot (nested {depth} levels deep, more than {MAX_SNAPSHOT_NESTING})"
+        )
     problem = _snapshot_problem(data)
     if problem:
         raise GfError(f"{path}: not a gfcompile snapshot ({problem})")

@@ -363,7 +363,7 @@ class Manifest:
                 f"manifest format {version!r} is not {FORMAT_VERSION}; recompile with this gfcompile version",
                 source,
             )
-        depth = _nesting(data)
+        depth = nesting_depth(data)
         if depth > MAX_NESTING:
             raise ManifestError("", f"nested {depth} levels deep, more than the {MAX_NESTING} a manifest may", source)
         try:
@@ -442,7 +442,7 @@ def manifest_sha256(manifest: Manifest | dict[str, Any]) -> str:
 # JSON <-> dataclasses, driven by the type hints above
 
 
-def _nesting(value: Any) -> int:
+def nesting_depth(value: Any) -> int:
     """How deeply lists and objects nest in `value`, counted without recursion."""
     deepest, stack = 0, [(value, 1)]
     while stack:

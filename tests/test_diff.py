@@ -233,6 +233,7 @@ def test_malformed_snapshots_and_unwritable_snapshot_paths_are_one_line(tmp_path
             {**good, "models": {"model": {**good["models"]["model"], "op_counts": {"Conv": "3"}}}}
         ),
         "unknown_kind": json.dumps({**good, "kind": "bundle"}),
+        "deep_inside": json.dumps({**good, "manifest": {"x": 1}}).replace('"x": 1', '"x": ' + "[" * 900 + "]" * 900),
         "bad_utf8": b'{"format": "\xff"}',
     }
     (tmp_path / "a_dir").mkdir()
