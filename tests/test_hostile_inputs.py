@@ -129,6 +129,7 @@ def env(tmp_path_factory) -> dict:
         e[f"trainable_{kind}"] = save(tiny_cnn(extra=kind, extra_after=1), tmp / f"trainable_{kind}.onnx")
     e["pooled_small"] = save(tiny_cnn([ConvSpec(4, stride=2), ConvSpec(4, stride=2), ConvSpec(4)]), tmp / "small.onnx")
     (tmp / "patch_map.json").write_text(json.dumps({"not_a_layer": 2}))
+    (tmp / "patch_map_too_big.json").write_text(json.dumps({"conv2": 9}))
     e["non_empty"] = tmp / "non_empty"
     e["non_empty"].mkdir()
     (e["non_empty"] / "keep.txt").write_text("user data")
@@ -325,8 +326,18 @@ CASES: dict[str, Case] = {
         "model", "--filter-layers", "1", "--patch-size", "0", message="patch size must be >= 1"
     ),
     "patch size negative": compile_case("model", "--filter-layers", "1", "--patch-size", "-4", message=">= 1, got -4"),
-    "patch larger than layer": compile_case(
-        "model", "--filter-layers", "2", "--patch-size", "9", message=("patch size 9", "'conv2'", "8x8")
+    # A global --patch-size shrinks to fit each layer; an r set for the layer itself is refused.
+    "patch larger than layer": Case(
+        lambda e, out: [
+            e["model"],
+            "--filter-layers",
+            "2",
+            "--patch-size-map",
+            e["tmp"] / "patch_map_too_big.json",
+            "-o",
+            out,
+        ],
+        ("patch size 9", "--patch-size-map", "'conv2'", "8x8"),
     ),
     "patch map unknown layer": Case(
         lambda e, out: [e["model"], "--filter-layers", "1", "--patch-size-map", e["tmp"] / "patch_map.json", "-o", out],
