@@ -3,13 +3,22 @@ or are refused with a GfError; nothing else (no crash, no wrong numbers).
 
 - gradient filtering: one Conv and ORT's ConvGrad, rewritten through the pass runner (as the compiler
   runs it), against the float64 numpy transcription in tests/reference/;
-- row tiling: random conv chains, tiled forward vs the untiled forward of the same compile.
+- row tiling: random tileable conv chains, tiled (by the pass, and every candidate chain directly)
+  vs the untiled forward of the same compile.
+
+Each property counts its outcomes and requires most examples to be compared, not refused or left
+untiled: a pass that refused everything, or a generator that never tiles, would otherwise pass.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import re
+from collections import Counter
+
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 import onnxruntime as ort
 from hypothesis import HealthCheck, assume, event, example, given, settings
 from hypothesis import strategies as st
@@ -31,6 +40,14 @@ TOL = 1e-5
 GROUPS = {"g1": (3, 6, 1), "depthwise": (4, 4, 4), "grouped": (4, 6, 2)}  # C_in, C_out, group
 
 
+# The refusals of passes/gradient_filter.py:filter_geometry that a valid Conv can meet; any other
+# error (or a refusal of a conv the pass supports) fails the property.
+GRADIENT_FILTER_REFUSALS = (
+    r"gradient filter on conv 'conv': negative conv pads .* are not supported",
+    r"gradient filter on conv 'conv': patch size r must be an integer >= 1",
+)
+
+
 def _value(name: str, shape) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name, TensorProto.FLOAT, list(shape))
 
@@ -47,12 +64,13 @@ def _value(name: str, shape) -> onnx.ValueInfoProto:
     r=st.integers(1, 8),
     seed=st.integers(0, 2**16),
 )
-def test_gradient_filter_matches_reference_or_refuses(kernel, stride, groups, pad, dilation, height, width, r, seed):
+def _check_gradient_filter(outcomes: Counter, kernel, stride, groups, pad, dilation, height, width, r, seed):
     c_in, c_out, group = GROUPS[groups]
     assume(
         conv_out(height, kernel, stride, 2 * pad, dilation) >= 1
         and conv_out(width, kernel, stride, 2 * pad, dilation) >= 1
     )
+    outcomes["generated"] += 1
     attrs = {"strides": (stride, stride), "pads": (pad,) * 4, "dilations": (dilation, dilation), "group": group}
     layer = make_layer(
         "conv", "x", "y", "w", "b", (2, c_in, height, width), (c_out, c_in // group, kernel, kernel), attrs
@@ -87,9 +105,11 @@ def test_gradient_filter_matches_reference_or_refuses(kernel, stride, groups, pa
     try:
         rewritten = run_passes((gradient_filter,), model, plan, stage="training")
     except GfError as exc:
-        assert "conv" in str(exc)  # a refusal names the layer
+        assert any(re.search(reason, str(exc)) for reason in GRADIENT_FILTER_REFUSALS), str(exc)
+        outcomes["refused"] += 1
         event("refused")
         return
+    outcomes["compared"] += 1
     event("compared")
     onnx.checker.check_model(rewritten)
     rng = np.random.default_rng(seed)
@@ -109,15 +129,46 @@ def test_gradient_filter_matches_reference_or_refuses(kernel, stride, groups, pa
     assert rel_err(got["db"], gb) <= TOL
 
 
-_conv_specs = st.builds(
-    ConvSpec,
-    out_channels=st.sampled_from([2, 4]),
-    kernel=st.sampled_from([1, 3, 5]),
-    stride=st.sampled_from([1, 2]),
-    pad=st.integers(0, 2),
-    dilation=st.sampled_from([1, 1, 2]),
-    relu=st.booleans(),
+def test_gradient_filter_matches_reference_or_refuses() -> None:
+    outcomes: Counter = Counter()
+    _check_gradient_filter(outcomes)
+    # A pass that refused everything would satisfy "match or refuse": most examples must compile.
+    assert outcomes["compared"] >= 0.9 * outcomes["generated"], outcomes
+
+
+# Documented refusals of the row-tiling pass for a valid chain; anything else fails the property.
+ROW_TILING_REFUSALS = (
+    r"--row-tiles \d+ is more than the \d+ output rows of the first tileable conv chain",
+    r"band \d+ of \d+ would read no input rows \(a conv pads beyond what its kernel reads\)",
 )
+
+
+def _convs(strides: list[int], kernels: list[int], same: bool = False) -> st.SearchStrategy[ConvSpec]:
+    """Convs with pads up to 'same' (exactly 'same' if `same`); pads beyond the kernel's reach: the @examples."""
+    return st.tuples(st.sampled_from(kernels), st.sampled_from([1, 1, 2])).flatmap(
+        lambda kd: st.builds(
+            ConvSpec,
+            out_channels=st.sampled_from([2, 4]),
+            kernel=st.just(kd[0]),
+            stride=st.sampled_from(strides),
+            pad=st.integers(kd[1] * (kd[0] - 1) // 2 if same else 0, kd[1] * (kd[0] - 1) // 2),
+            dilation=st.just(kd[1]),
+            relu=st.booleans(),
+        )
+    )
+
+
+# A tileable chain: 'same' stride-1 convs whose channels never shrink (a tensor smaller than the one
+# before it is where a chain may end), then a strided conv (the downsampling point that ends the
+# chain), then more convs with any pads and strides, the last of which trains.
+_tileable_chains = st.tuples(
+    st.lists(_convs([1], [1, 3, 5], same=True), min_size=1, max_size=3).map(
+        lambda body: sorted(body, key=lambda spec: spec.out_channels)
+    ),
+    _convs([2], [1, 3]),
+    st.lists(_convs([1, 2], [1, 3, 5]), min_size=1, max_size=2),
+).map(lambda parts: [*parts[0], parts[1], *parts[2]])
+INPUT_CHANNELS = 2
 
 
 def _forward(model: onnx.ModelProto, tiles: int, strategy: str):
@@ -137,6 +188,10 @@ def _run(model: onnx.ModelProto, plan, x: np.ndarray) -> np.ndarray:
     return session.run(None, {"x": x})[0]
 
 
+def _tiled(model: onnx.ModelProto) -> bool:
+    return any(node.name.startswith("rowtile/") for node in model.graph.node)
+
+
 # Found by this test: a 1x1 conv with pad 1 makes whole output rows pure padding, so a band of them
 # read no input rows (the tiler crashed on an assertion).
 _PAD_ONLY_ROWS = [
@@ -146,31 +201,63 @@ _PAD_ONLY_ROWS = [
 ]
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
 @given(
-    convs=st.lists(_conv_specs, min_size=3, max_size=5),
-    height=st.integers(16, 48),
+    convs=_tileable_chains,
+    height=st.integers(24, 56),
     width=st.integers(5, 17),
     tiles=st.integers(2, 6),
     strategy=st.sampled_from(["overl", "2ps"]),
 )
 @example(convs=_PAD_ONLY_ROWS, height=16, width=5, tiles=5, strategy="overl")
 @example(convs=_PAD_ONLY_ROWS, height=16, width=5, tiles=5, strategy="2ps")
-def test_row_tiling_matches_untiled_or_refuses(convs, height, width, tiles, strategy):
+def _check_row_tiling(outcomes: Counter, convs, height, width, tiles, strategy):
     size = (height, width)
     for spec in convs:
         size = tuple(conv_out(n, spec.kernel, spec.stride, 2 * spec.pad, spec.dilation) for n in size)
         assume(min(size) >= 1)
-    model = tiny_cnn(convs, input_shape=(3, height, width), batch=1)
+    outcomes["generated"] += 1
+    model = tiny_cnn(convs, input_shape=(INPUT_CHANNELS, height, width), batch=1)
     base, plan = _forward(model, 0, strategy)
+    x = np.random.default_rng(0).standard_normal((1, INPUT_CHANNELS, height, width)).astype(np.float32)
+    expected = _run(base, plan, x)
+    tiled_plan = dataclasses.replace(plan, row_tiles=tiles, row_strategy=strategy)
+
+    # The pass as the compiler runs it: it picks chains and band counts, or refuses for a documented reason.
     try:
         tiled, tiled_plan = _forward(model, tiles, strategy)
     except GfError as exc:
-        assert "row" in str(exc)  # e.g. "--row-tiles 8 is more than the 5 output rows ..."
-        event("refused")
+        assert any(re.search(reason, str(exc)) for reason in ROW_TILING_REFUSALS), str(exc)
+        outcomes["pass refused"] += 1
+    else:
+        outcomes["pass tiled" if _tiled(tiled) else "pass left untiled"] += 1
+        onnx.checker.check_model(tiled)
+        np.testing.assert_allclose(_run(tiled, tiled_plan, x), expected, rtol=1e-5, atol=1e-6)
+
+    # Every candidate chain tiled into exactly `tiles` bands, whether or not the pass would pick it.
+    graph = gs.import_onnx(base)
+    chains = row_tiling.candidate_chains(graph, plan, tiles)
+    try:
+        for chain in chains:
+            row_tiling.tile_chain(graph, chain, tiles, strategy)
+    except ValueError as exc:
+        assert any(re.search(reason, str(exc)) for reason in ROW_TILING_REFUSALS), str(exc)
+        outcomes["chains refused"] += 1
+        event("chains refused")
         return
-    event("compared, tiled" if any(n.name.startswith("rowtile/") for n in tiled.graph.node) else "compared, untiled")
-    onnx.checker.check_model(tiled)
-    x = np.random.default_rng(0).standard_normal((1, 3, height, width)).astype(np.float32)
-    expected, actual = _run(base, plan, x), _run(tiled, tiled_plan, x)
-    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-6)
+    everything = gs.export_onnx(graph.cleanup().toposort())
+    if not _tiled(everything):
+        event("no candidate chain")
+        return
+    outcomes["chains tiled"] += 1
+    event("chains tiled")
+    np.testing.assert_allclose(_run(everything, tiled_plan, x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_row_tiling_matches_untiled_or_refuses() -> None:
+    outcomes: Counter = Counter()
+    _check_row_tiling(outcomes)
+    # Comparing an untiled graph with itself proves nothing: most examples must really tile.
+    # (Measured over hypothesis seeds 1-6: 31 of 32 candidate sets and 27-31 of 32 pass runs tiled.)
+    assert outcomes["chains tiled"] >= 0.8 * outcomes["generated"], outcomes
+    assert outcomes["pass tiled"] >= 0.6 * outcomes["generated"], outcomes
