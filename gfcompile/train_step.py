@@ -19,7 +19,8 @@ non-finite step from one scalar.
 
 Frozen parameters become initializers stored once, in `frozen_params.bin` (ONNX external data),
 which `train_step.onnx` and `eval_step.onnx` (the eval model with the same split) both reference.
-`inference_template.onnx` is the inference model with every weight inline; the manifest records
+The initial checkpoint holds the parameters only: optimizer state starts at zero (the runtime
+creates it). `inference_template.onnx` is the inference model with every weight inline; the manifest records
 the byte range of each trainable weight in it, so the runtime writes a trained inference model by
 patching bytes, without the onnx package.
 """
@@ -251,7 +252,6 @@ def _append_optimizer(
         for state in states:
             name = f"{s}/{state}"
             graph.input.append(helper.make_tensor_value_info(b.name(name), dtype, list(value.shape)))
-            initial[name] = np.zeros_like(value)
             state_io.append(PortableStateSpec(name=state, input=name, output=f"updated/{name}"))
         updated = {}
         if optimizer["type"] == "adamw":

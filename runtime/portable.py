@@ -100,9 +100,12 @@ class PortableTrainer(Trainer):
         self._output_of = {p.input: p.output for p in self.portable.parameters}
         self._output_of.update({s.input: s.output for p in self.portable.parameters for s in p.state})
         expected = {i.name: i.shape for i in self.session.get_inputs()}
+        parameter_inputs = {p.input for p in self.portable.parameters}
         self._current = {}
         for name in self._state_names:
             value = tensors.get(name)
+            if value is None and self._step == 0 and name not in parameter_inputs:
+                value = tensors[name] = np.zeros(expected[name], np.float32)  # optimizer state starts at zero
             if value is None:
                 raise RunError(f"{checkpoint}: holds no {name}, which these artifacts train")
             if list(value.shape) != list(expected[name]) or value.dtype != np.float32:
