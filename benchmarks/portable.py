@@ -1,0 +1,123 @@
+"""Step time and peak memory of the portable train step vs the training build, in the same run.
+
+    python -m benchmarks.portable [--models mobilenet_v2 resnet18] [--size 224] [--batches 8 32]
+        [--steps 5] [--portable-python PYTHON] [-o bench_results/portable.json]
+
+Each configuration is compiled once (exact backprop of the last 4 convs, AdamW); then each backend
+trains it in its own fresh process (`--measure`), so peak RSS (ru_maxrss) is that backend's alone:
+the training build (`runtime.trainer.Trainer` on onnxruntime-training) and the portable step
+(`runtime.portable.PortableTrainer` on plain onnxruntime). `--portable-python` runs the portable
+side under another interpreter, e.g. a venv with the newest onnxruntime (it needs only numpy and
+onnxruntime; the repository is put on its path). The step time is the median over `--steps` steps
+after one warm-up step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def measure(backend: str, artifacts: Path, steps: int) -> dict:
+    """Runs in the measuring process: train `steps` + 1 steps on random data, report time and peak RSS."""
+    import resource
+
+    import numpy as np
+    import onnxruntime
+
+    from runtime.portable import PortableTrainer
+    from runtime.trainer import Trainer
+
+    trainer = PortableTrainer(artifacts) if backend == "portable" else Trainer(artifacts)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(trainer.spec.inputs[0].shape).astype(np.float32)
+    classes = trainer.spec.outputs[0].shape[1]
+    y = rng.integers(0, classes, size=trainer.spec.labels[0].shape).astype(np.int64)
+    trainer.train_step(x, y)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        trainer.train_step(x, y)
+        times.append(time.perf_counter() - start)
+    return {
+        "backend": type(trainer).__name__,
+        "onnxruntime": onnxruntime.__version__,
+        "python": ".".join(map(str, sys.version_info[:3])),
+        "step_ms": float(np.median(times) * 1e3),
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "loadavg": os.getloadavg()[0],
+    }
+
+
+def _run_measure(python: str, backend: str, artifacts: Path, steps: int) -> dict:
+    code = (
+        f"import sys, json; sys.path.insert(0, {str(ROOT)!r}); from benchmarks.portable import measure; "
+        f"print(json.dumps(measure({backend!r}, __import__('pathlib').Path({str(artifacts)!r}), {steps})))"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON") and k != "VIRTUAL_ENV"}
+    result = subprocess.run([python, "-I", "-c", code], capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        raise SystemExit(f"benchmarks.portable: error: {backend} run failed: {result.stderr.strip()[-500:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _compile(name: str, size: int, batch: int, directory: Path) -> Path:
+    from gfcompile.config import CompileConfig
+    from gfcompile.pipeline import compile_model
+    from models import build
+    from models.export import export_onnx
+
+    model = build(name, num_classes=10).eval()
+    path = export_onnx(model, directory / f"{name}.onnx", input_shape=(1, 3, size, size))
+    config = CompileConfig(filter_layers=0, train_layers=4, batch_size=batch, output_dir=directory / "artifacts")
+    return compile_model(path, config, report=lambda message: None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.portable", description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["mobilenet_v2", "resnet18"])
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--batches", type=int, nargs="+", default=[8, 32])
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--portable-python", default=sys.executable, help="interpreter for the portable backend")
+    parser.add_argument("-o", "--output", type=Path, default=Path("bench_results/portable.json"))
+    args = parser.parse_args(argv)
+    rows = []
+    for name in args.models:
+        for batch in args.batches:
+            with tempfile.TemporaryDirectory(prefix="gf-portable-bench-") as folder:
+                artifacts = _compile(name, args.size, batch, Path(folder))
+                training = _run_measure(sys.executable, "training", artifacts, args.steps)
+                portable = _run_measure(args.portable_python, "portable", artifacts, args.steps)
+            row = {
+                "model": name,
+                "size": args.size,
+                "batch": batch,
+                "training_build": training,
+                "portable": portable,
+                "time_ratio": portable["step_ms"] / training["step_ms"],
+                "memory_ratio": portable["peak_rss_mib"] / training["peak_rss_mib"],
+            }
+            rows.append(row)
+            print(
+                f"{name} {args.size}² batch {batch}: training build {training['step_ms']:.0f} ms "
+                f"{training['peak_rss_mib']:.0f} MiB (ORT {training['onnxruntime']}), portable "
+                f"{portable['step_ms']:.0f} ms {portable['peak_rss_mib']:.0f} MiB (ORT {portable['onnxruntime']}, "
+                f"Python {portable['python']}): time x{row['time_ratio']:.2f}, memory x{row['memory_ratio']:.2f}",
+                flush=True,
+            )
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
