@@ -258,3 +258,55 @@ def test_default_exporter_output_compiles_and_matches_torch(tmp_path: Path) -> N
     for name in ("conv3.weight", "conv3.bias", "fc.weight", "fc.bias"):
         actual = trainer.state.parameters[name].grad
         assert relative_error(actual, named[name].grad.numpy()) <= 1e-4, name
+
+
+# ORT's own failure texts, as onnxruntime-training 1.19.2 printed them for torchvision models before
+# the legalize passes existed (HardSigmoid in MobileNetV3, a Concat-shared tensor in DenseNet, a
+# LayerNormalization without its optional outputs in ConvNeXt).
+_BUILDER = "/onnxruntime_src/orttraining/orttraining/core/graph/"
+ORT_TEXTS = {
+    "no_gradient": f"{_BUILDER}gradient_builder_registry.cc:29 onnxruntime::training::GradientDef "
+    "onnxruntime::training::GetGradientForOp(const GradientGraphConfiguration&, onnxruntime::Graph*, const "
+    "onnxruntime::Node*) gradient_builder != nullptr was false. The gradient builder has not been registered: "
+    "HardSigmoid for node odd",
+    "duplicate": "/onnxruntime_src/orttraining/orttraining/python/orttraining_pybind_state.cc:621 "
+    "onnxruntime::python::addObjectMethodsForTraining(pybind11::module&)::<lambda(onnxruntime::python::"
+    "PyGradientGraphBuilderContext*)> [ONNXRuntimeError] : 1 : FAIL : This is an invalid model. Error: Duplicate "
+    "definition of name (odd_out_grad).",
+    "missing_output": f"{_BUILDER}gradient_builder_base.h:123 onnxruntime::training::ArgDef onnxruntime::training::"
+    "GradientBuilderBase::O(size_t, bool) const i < node_->OutputDefs().size() was false.",
+}
+
+
+@pytest.mark.parametrize(
+    ("kind", "op", "expected"),
+    [
+        (
+            "no_gradient",
+            "HardSigmoid",
+            "node 'odd' (HardSigmoid) has no gradient in onnxruntime-training 1.19; "
+            "--train-layers 2 (or fewer) trains only the conv layers after it",
+        ),
+        ("duplicate", "Neg", "tensor 'odd_out' (output of Neg node 'odd') is read by 1 Relu nodes"),
+        (
+            "missing_output",
+            "LayerNormalization",
+            "node 'odd' (LayerNormalization) lacks the optional Mean and InvStdDev outputs",
+        ),
+    ],
+)
+def test_ort_failure_texts_become_one_line(kind: str, op: str, expected: str) -> None:
+    from gfcompile.ort_errors import explain_ort_failure
+
+    attributes = {"axis": 1} if op == "LayerNormalization" else {}
+    model = tiny_with_op_after_conv1("Neg")
+    odd = next(node for node in model.graph.node if node.name == "odd")
+    odd.op_type = op  # only the node's identity matters to the explanation
+    odd.attribute.extend(helper.make_attribute(key, value) for key, value in attributes.items())
+    config = CompileConfig(train_layers=3, batch_size=2)
+    from gfcompile.loading import pin_shapes
+
+    plan = select_layers(pin_shapes(tiny_with_op_after_conv1("Neg"), config), config)
+    message = explain_ort_failure(ORT_TEXTS[kind], model, plan)
+    assert expected in message
+    assert "\n" not in message and "onnxruntime_src" not in message and "was false" not in message
