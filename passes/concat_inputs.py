@@ -1,18 +1,23 @@
-"""Give each Concat its own copy of an input that several Concats read.
+"""Make every tensor a Concat input of at most one Concat.
 
 Contract
 --------
 Input: any loaded model (legalize stage, no Plan yet).
-Output: the same function; where one tensor is read by more than one Concat input (several
-Concat nodes, or one Concat twice), the first read in graph order keeps the tensor and every
-other read gets an Identity of it, named "<tensor>/concat_copy" (fresh by the allocator).
+Output: the same function, in which no tensor is read by more than one Concat input:
+  1. a Concat whose leading inputs are exactly the inputs of an earlier Concat on the same axis
+     reads that Concat's output instead: DenseNet's Concat(x0, ..., xk, xk+1) becomes
+     Concat(Concat(x0, ..., xk), xk+1), so each feature map enters one Concat;
+  2. any read left over (several Concats, or one Concat twice) after the first in graph order
+     gets its own Identity copy, named "<tensor>/concat_copy" (fresh by the allocator). Each copy
+     reads the previous one: ORT's common-subexpression elimination would merge sibling
+     Identities of one tensor back into a single shared read.
 
-Why: onnxruntime-training 1.19's gradient builder names the Concat gradient of such a tensor
-once per reading Concat and then fails with "Duplicate definition of name (<tensor>_grad)".
-DenseNet hits it: a transition's pooled output feeds every Concat of the next dense block.
-With a private Identity per Concat, each Concat gradient writes its own tensor and the
-Identity gradients are summed as for any tensor with several readers. The forward values are
-unchanged; an Identity costs no copy in ORT.
+Why: onnxruntime-training 1.19's Concat gradient names its output for every input
+"<input>_grad"; where one tensor feeds several Concats on the gradient path (seen when that
+tensor itself needs no gradient), the builder fails with "Duplicate definition of name
+(<tensor>_grad)". DenseNet hits it whenever the first
+trained layer sits inside a dense block (a block's input feeds all its Concats). The forward
+values are unchanged; nesting reuses Concats the model computes anyway.
 """
 
 from __future__ import annotations
