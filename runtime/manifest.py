@@ -365,7 +365,7 @@ class Manifest:
             )
         depth = nesting_depth(data)
         if depth > MAX_NESTING:
-            raise ManifestError("", f"nested {depth} levels deep, more than the {MAX_NESTING} a manifest may", source)
+            raise ManifestError("", f"nested too deeply ({depth} levels; a manifest has at most {MAX_NESTING})", source)
         try:
             return _convert(data, cls, "")
         except _Invalid as exc:
