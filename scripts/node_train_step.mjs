@@ -75,6 +75,13 @@ async function main() {
   for (const [name, t] of Object.entries(readSafetensors(join(artifacts, spec.checkpoint)).tensors)) {
     state[name] = new ort.Tensor(t.type, t.data, t.dims);
   }
+  for (const parameter of spec.parameters) {
+    // The initial checkpoint holds parameters only: optimizer state starts at zero.
+    const dims = state[parameter.input].dims;
+    for (const s of parameter.state) {
+      state[s.input] ??= new ort.Tensor("float32", new Float32Array(dims.reduce((a, b) => a * b, 1)), dims);
+    }
+  }
   const { tensors: batches } = readSafetensors(batchesPath);
   const steps = Object.keys(batches).filter((name) => name.startsWith("x")).length;
   const lr = new ort.Tensor("float32", Float32Array.of(manifest.optimizer.lr), []);
