@@ -521,7 +521,7 @@ def read_snapshot(path: Path) -> Snapshot:
     depth = nesting_depth(data)
     if depth > MAX_SNAPSHOT_NESTING:
         raise GfError(
-            f"{path}: not a gfcompile snapshot (nested {depth} levels deep, more than {MAX_SNAPSHOT_NESTING})"
+            f"{path}: not a gfcompile snapshot (nested too deeply: {depth} levels, at most {MAX_SNAPSHOT_NESTING})"
         )
     problem = _snapshot_problem(data)
     if problem:

@@ -157,7 +157,7 @@ WRONG: dict[str, tuple[Callable[[dict], str | None] | str, str]] = {
     # Parses (json's own limit is about 1,000 levels), but serialising or diffing it recursed past the stack.
     "free-form entry nested 900 deep": (
         lambda m: json.dumps(m).replace('"config": {', '"config": {"deep": ' + "[" * 900 + "]" * 900 + ", ", 1),
-        "manifest.json: nested 902 levels deep, more than the 32 a manifest may",
+        "manifest.json: nested too deeply (902 levels; a manifest has at most 32)",
     ),
 }
 
