@@ -560,3 +560,36 @@ def test_node_train_step_matches_training_build(tmp_path) -> None:
     np.testing.assert_allclose(trained["loss"], losses, rtol=0, atol=1e-5)
     for name, value in params.items():
         np.testing.assert_allclose(trained[name], value, rtol=0, atol=1e-5, err_msg=name)
+
+
+def test_safetensors_files_follow_the_format(tmp_path) -> None:
+    """Our reader takes a file built by hand from the published layout, and our writer writes that layout."""
+    import json
+    import struct
+
+    from runtime.errors import RunError
+    from runtime.safetensors_io import read_safetensors, write_safetensors
+
+    weights = np.arange(6, dtype=np.float32).reshape(2, 3)
+    header = json.dumps(
+        {"w": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]}, "__metadata__": {"step": "7"}}
+    )
+    (tmp_path / "hand.safetensors").write_bytes(struct.pack("<Q", len(header)) + header.encode() + weights.tobytes())
+    tensors, metadata = read_safetensors(tmp_path / "hand.safetensors")
+    np.testing.assert_array_equal(tensors["w"], weights)
+    assert metadata == {"step": "7"}
+
+    write_safetensors(tmp_path / "ours.safetensors", {"w": weights, "b": np.ones(4, np.float32)}, {"step": "3"})
+    raw = (tmp_path / "ours.safetensors").read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    entries = json.loads(raw[8 : 8 + length])
+    begin, end = entries["w"]["data_offsets"]
+    assert entries["w"]["dtype"] == "F32" and entries["__metadata__"] == {"step": "3"}
+    np.testing.assert_array_equal(
+        np.frombuffer(raw[8 + length + begin : 8 + length + end], "<f4").reshape(2, 3), weights
+    )
+
+    (tmp_path / "cut.safetensors").write_bytes(raw[: len(raw) - 5])
+    with pytest.raises(RunError, match="not a valid safetensors checkpoint") as raised:
+        read_safetensors(tmp_path / "cut.safetensors")
+    assert "\n" not in str(raised.value)
