@@ -6,7 +6,8 @@
 Each configuration is compiled once (exact backprop of the last 4 convs, AdamW); then each backend
 trains it in its own fresh process (`--measure`), so peak RSS (ru_maxrss) is that backend's alone:
 the training build (`runtime.trainer.Trainer` on onnxruntime-training) and the portable step
-(`runtime.portable.PortableTrainer` on plain onnxruntime). `--portable-python` runs the portable
+(`runtime.portable.PortableTrainer` on plain onnxruntime). Memory is VmHWM: the whole process's
+peak, and the peak over the timed steps alone (after a reset following the warm-up step). `--portable-python` runs the portable
 side under another interpreter, e.g. a venv with the newest onnxruntime (it needs only numpy and
 onnxruntime; the repository is put on its path). The step time is the median over `--steps` steps
 after one warm-up step.
@@ -28,8 +29,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def measure(backend: str, artifacts: Path, steps: int) -> dict:
     """Runs in the measuring process: train `steps` + 1 steps on random data, report time and peak RSS."""
-    import resource
-
     import numpy as np
     import onnxruntime
 
@@ -42,6 +41,8 @@ def measure(backend: str, artifacts: Path, steps: int) -> dict:
     classes = trainer.spec.outputs[0].shape[1]
     y = rng.integers(0, classes, size=trainer.spec.labels[0].shape).astype(np.int64)
     trainer.train_step(x, y)
+    loaded_peak = _high_water_mib()
+    _reset_high_water()
     times = []
     for _ in range(steps):
         start = time.perf_counter()
@@ -52,9 +53,24 @@ def measure(backend: str, artifacts: Path, steps: int) -> dict:
         "onnxruntime": onnxruntime.__version__,
         "python": ".".join(map(str, sys.version_info[:3])),
         "step_ms": float(np.median(times) * 1e3),
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mib": max(loaded_peak, _high_water_mib()),
+        "step_peak_rss_mib": _high_water_mib(),
         "loadavg": os.getloadavg()[0],
     }
+
+
+def _high_water_mib() -> float:
+    """VmHWM, the peak RSS of this process's address space. Not ru_maxrss: Linux carries that over
+    exec from the parent, so a child of the (large) compiling process would report the parent's."""
+    with open("/proc/self/status") as handle:
+        line = next(line for line in handle if line.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
+
+
+def _reset_high_water() -> None:
+    """Reset VmHWM to the current RSS (Linux >= 4.0), so the step peak excludes loading."""
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
 
 
 def _run_measure(python: str, backend: str, artifacts: Path, steps: int) -> dict:
@@ -109,9 +125,10 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             print(
                 f"{name} {args.size}² batch {batch}: training build {training['step_ms']:.0f} ms "
-                f"{training['peak_rss_mib']:.0f} MiB (ORT {training['onnxruntime']}), portable "
-                f"{portable['step_ms']:.0f} ms {portable['peak_rss_mib']:.0f} MiB (ORT {portable['onnxruntime']}, "
-                f"Python {portable['python']}): time x{row['time_ratio']:.2f}, memory x{row['memory_ratio']:.2f}",
+                f"{training['peak_rss_mib']:.0f} MiB (steps {training['step_peak_rss_mib']:.0f}, ORT "
+                f"{training['onnxruntime']}), portable {portable['step_ms']:.0f} ms {portable['peak_rss_mib']:.0f} "
+                f"MiB (steps {portable['step_peak_rss_mib']:.0f}, ORT {portable['onnxruntime']}, Python "
+                f"{portable['python']}): time x{row['time_ratio']:.2f}, memory x{row['memory_ratio']:.2f}",
                 flush=True,
             )
     args.output.parent.mkdir(parents=True, exist_ok=True)
