@@ -10,7 +10,7 @@ from pathlib import Path
 
 from runtime.errors import RunError
 from runtime.options import add_run_arguments, positive_float
-from runtime.signals import exit_code, signal_name, stop_on_termination
+from runtime.signals import exit_code, quiet_teardown, signal_name, stop_on_termination
 
 from .config import DEFAULT_TRAIN_LAYERS, CompileConfig
 from .errors import GfError
@@ -265,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gfcompile: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as stop:
+        quiet_teardown()
         print(f"gfcompile: interrupted ({signal_name(stop)}); no partial output was left", file=sys.stderr)
         return exit_code(stop)
 

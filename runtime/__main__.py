@@ -17,7 +17,7 @@ import sys
 
 from .errors import RunError
 from .options import add_run_arguments
-from .signals import exit_code, signal_name, stop_on_termination
+from .signals import exit_code, quiet_teardown, signal_name, stop_on_termination
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gfcompile: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as stop:
+        quiet_teardown()
         print(
             f"gfcompile: interrupted ({signal_name(stop)}); the last saved checkpoint is kept "
             "(run the same command to resume)",

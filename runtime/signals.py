@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 
@@ -45,6 +46,16 @@ def stop_on_termination() -> None:
 
 def _raise_terminated(signum: int, _frame) -> None:
     raise Terminated(signum)
+
+
+def quiet_teardown() -> None:
+    """Drop `__del__` complaints while a stopped run exits.
+
+    A stop signal can land inside a library constructor (ORT's onnxblock blocks), and the half-built
+    object then fails in its `__del__` as it is collected, which Python prints as a traceback after
+    the entry point's one line. The run is over by then; nothing of it is worth reporting.
+    """
+    sys.unraisablehook = lambda _unraisable: None
 
 
 @contextlib.contextmanager

@@ -699,7 +699,8 @@ def test_ctrl_c_during_training_keeps_the_last_checkpoint(env: dict, tmp_path: P
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr
     assert "interrupted" in stderr and "Traceback" not in stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temporary files left
+    # The checkpoint and its integrity record; no temporary files left.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "ckpt.sha256"]
     resumed = Trainer(env["artifacts"], checkpoint=checkpoint)
     step = resumed.step
     assert step >= 1
