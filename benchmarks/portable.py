@@ -3,7 +3,8 @@
     python -m benchmarks.portable [--models mobilenet_v2 resnet18] [--size 224] [--batches 8 32]
         [--steps 5] [--portable-python PYTHON] [-o bench_results/portable.json]
 
-Each configuration is compiled once (exact backprop of the last 4 convs, AdamW); then each backend
+Each configuration is compiled once (the last 4 convs trained, `--filter-layers` of them
+gradient-filtered with r=2, AdamW); then each backend
 trains it in its own fresh process (`--measure`), so peak RSS (ru_maxrss) is that backend's alone:
 the training build (`runtime.trainer.Trainer` on onnxruntime-training) and the portable step
 (`runtime.portable.PortableTrainer` on plain onnxruntime). Memory is VmHWM: the whole process's
@@ -85,7 +86,7 @@ def _run_measure(python: str, backend: str, artifacts: Path, steps: int) -> dict
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def _compile(name: str, size: int, batch: int, directory: Path) -> Path:
+def _compile(name: str, size: int, batch: int, filter_layers: int, directory: Path) -> Path:
     from gfcompile.config import CompileConfig
     from gfcompile.pipeline import compile_model
     from models import build
@@ -93,7 +94,9 @@ def _compile(name: str, size: int, batch: int, directory: Path) -> Path:
 
     model = build(name, num_classes=10).eval()
     path = export_onnx(model, directory / f"{name}.onnx", input_shape=(1, 3, size, size))
-    config = CompileConfig(filter_layers=0, train_layers=4, batch_size=batch, output_dir=directory / "artifacts")
+    config = CompileConfig(
+        filter_layers=filter_layers, train_layers=4, batch_size=batch, output_dir=directory / "artifacts"
+    )
     return compile_model(path, config, report=lambda message: None)
 
 
@@ -103,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--batches", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--filter-layers", type=int, default=0, help="gradient-filter this many of the 4 trained convs")
     parser.add_argument("--portable-python", default=sys.executable, help="interpreter for the portable backend")
     parser.add_argument("-o", "--output", type=Path, default=Path("bench_results/portable.json"))
     args = parser.parse_args(argv)
@@ -110,13 +114,14 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.models:
         for batch in args.batches:
             with tempfile.TemporaryDirectory(prefix="gf-portable-bench-") as folder:
-                artifacts = _compile(name, args.size, batch, Path(folder))
+                artifacts = _compile(name, args.size, batch, args.filter_layers, Path(folder))
                 training = _run_measure(sys.executable, "training", artifacts, args.steps)
                 portable = _run_measure(args.portable_python, "portable", artifacts, args.steps)
             row = {
                 "model": name,
                 "size": args.size,
                 "batch": batch,
+                "filter_layers": args.filter_layers,
                 "training_build": training,
                 "portable": portable,
                 "time_ratio": portable["step_ms"] / training["step_ms"],
@@ -124,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             }
             rows.append(row)
             print(
-                f"{name} {args.size}² batch {batch}: training build {training['step_ms']:.0f} ms "
+                f"{name} {args.size}² batch {batch} filter {args.filter_layers}: training build {training['step_ms']:.0f} ms "
                 f"{training['peak_rss_mib']:.0f} MiB (steps {training['step_peak_rss_mib']:.0f}, ORT "
                 f"{training['onnxruntime']}), portable {portable['step_ms']:.0f} ms {portable['peak_rss_mib']:.0f} "
                 f"MiB (steps {portable['step_peak_rss_mib']:.0f}, ORT {portable['onnxruntime']}, Python "
