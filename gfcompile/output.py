@@ -171,10 +171,7 @@ def write_file_atomically(path: Path, write: Callable[[Path], None], force: bool
         if force:
             os.replace(temporary, path)
         else:
-            try:
-                os.link(temporary, path)
-            except FileExistsError:
-                raise GfError(f"{path}: exists (it appeared while this ran?); pass --force to replace it") from None
+            _place_without_replacing(temporary, path)
     except BaseException as exc:
         if temporary is not None:
             temporary.unlink(missing_ok=True)
@@ -187,6 +184,21 @@ def write_file_atomically(path: Path, write: Callable[[Path], None], force: bool
     if temporary is not None:
         temporary.unlink(missing_ok=True)
     return path
+
+
+def _place_without_replacing(temporary: Path, path: Path) -> None:
+    """Give `temporary` the name `path` unless `path` exists, atomically where hard links exist."""
+    try:
+        os.link(temporary, path)  # fails if `path` exists, however recently it appeared
+    except FileExistsError:
+        raise GfError(f"{path}: exists (it appeared while this ran?); pass --force to replace it") from None
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+        # No hard links here (FAT, some network file systems): check, then rename; a race is possible only here.
+        if path.exists():
+            raise GfError(f"{path}: exists (it appeared while this ran?); pass --force to replace it") from None
+        os.rename(temporary, path)
 
 
 def save_model(model: onnx.ModelProto, path: Path) -> None:
