@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench mutation clean
 
 $(BIN)/gfcompile: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ test: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q
+
+# Plant known bugs (scripts/mutation.py) in a copy of the repository; fails if the tests miss one.
+mutation: setup
+	$(BIN)/python scripts/mutation.py --baseline
 
 bench: setup
 	$(BIN)/python -m benchmarks all --profile quick
