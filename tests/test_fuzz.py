@@ -95,3 +95,85 @@ def test_mutations_through_the_command_line(tmp_path: Path, index: int) -> None:
         assert not (tmp_path / "out").exists()
     else:
         onnx.checker.check_model(onnx.load(str(tmp_path / "out" / "training_model.onnx")))
+
+
+# --------------------------------------------------------------------------------------------
+# Bundles and data files (issue 15)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def signed_bundle(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """A signed bundle of a tiny compile, its public key, and the compiled artifacts."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    from gfcompile.bundle import make_bundle
+
+    tmp = tmp_path_factory.mktemp("fuzz_bundle")
+    model = tmp / "model.onnx"
+    model.write_bytes(_seed_model())
+    artifacts = compile_model(model, CompileConfig(train_layers=1, output_dir=tmp / "artifacts"), report=lambda m: None)
+    key = ed25519.Ed25519PrivateKey.generate()
+    (tmp / "key.pem").write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    (tmp / "key.pub").write_bytes(
+        key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    return make_bundle(artifacts, tmp / "bundle", sign_key=tmp / "key.pem"), tmp / "key.pub", artifacts
+
+
+def test_every_mutation_of_a_signed_bundle_is_refused_before_loading(signed_bundle) -> None:
+    """Any changed byte of any file (models, checkpoint, manifest, SHA256SUMS, the signature) is refused."""
+    from runtime.bundle import verify_bundle
+    from runtime.errors import RunError
+
+    bundle, public_key, _ = signed_bundle
+    files = sorted(p for p in bundle.iterdir())
+    rng = np.random.default_rng(15)
+    refused = 0
+    for index in range(MUTATIONS):
+        target = files[index % len(files)]
+        original = target.read_bytes()
+        mutant = _mutate(original, rng)
+        if mutant == original:
+            continue
+        target.write_bytes(mutant)
+        try:
+            with pytest.raises(RunError) as refusal:
+                verify_bundle(bundle, trusted_key=public_key, notice=lambda message: None)
+            assert "\n" not in str(refusal.value).strip(), (target.name, str(refusal.value))
+            refused += 1
+        finally:
+            target.write_bytes(original)
+    assert refused >= MUTATIONS * 0.9, refused
+    verify_bundle(bundle, trusted_key=public_key, notice=lambda message: None)  # restored: accepted again
+
+
+def test_every_mutation_of_a_data_file_is_refused_or_loads(signed_bundle, tmp_path: Path) -> None:
+    """The .npz header reader meets mutated zips and .npy headers: a clean RunError or a checked dataset."""
+    import json
+
+    from runtime.data import load_npz
+    from runtime.errors import RunError
+
+    _, _, artifacts = signed_bundle
+    manifest = json.loads((artifacts / "manifest.json").read_text())
+    rng = np.random.default_rng(7)
+    seed = tmp_path / "seed.npz"
+    np.savez(seed, x=rng.standard_normal((4, 1, 6, 6)).astype(np.float32), y=rng.integers(0, 3, 4))
+    original = seed.read_bytes()
+    outcomes = {"refused": 0, "loaded": 0}
+    for index in range(MUTATIONS):
+        path = tmp_path / f"mutant{index}.npz"
+        path.write_bytes(_mutate(original, rng))
+        try:
+            data = load_npz(path, manifest)
+        except RunError as exc:
+            assert "\n" not in str(exc).strip(), (index, str(exc))
+            outcomes["refused"] += 1
+            continue
+        assert data.x.shape[1:] == (1, 6, 6) and len(data.x) == len(data.y)
+        outcomes["loaded"] += 1
+    assert outcomes["refused"] >= MUTATIONS // 2, outcomes
