@@ -3,9 +3,9 @@
 Two rules make generated names safe in a graph whose tensors the user named:
 
 * Every generated name comes from a `NameAllocator` built from the graph at hand. A *scope*
-  (`NameAllocator.scope`) is a prefix that no existing tensor or node name equals or starts
-  with (`"<conv>/gf"`, or `"<conv>/gf~1"` when the user already has a `"<conv>/gf/g_pool"`),
-  so every name under it is new by construction.
+  (`NameAllocator.scope`) is a prefix P such that no existing tensor or node name starts
+  with "P/" (`"<conv>/gf"`, or `"<conv>/gf~1"` when the user already has a
+  `"<conv>/gf/g_pool"`), so every name under it is new by construction.
 * A pass that hands tensors to a later pass publishes the scope it got in
   `Plan.generated` (a `GeneratedNames`); the later pass asks for it there instead of
   rebuilding the name from an f-string. Role names inside a scope (`G_POOL`, `X_POOL`, ...)
@@ -17,7 +17,6 @@ forward node plus `_Grad/`) are facts about the gradient builder, also kept here
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import onnx_graphsurgeon as gs
@@ -213,9 +212,3 @@ class GeneratedNames:
 
     def band_of(self, node_name: str) -> BandNode | None:
         return parse_band(node_name, self.chain_scopes)
-
-
-def all_names(graph: gs.Graph) -> Iterable[str]:
-    """Every tensor and node name in `graph` (for tests and checks)."""
-    yield from graph.tensors()
-    yield from (node.name for node in graph.nodes if node.name)
