@@ -98,11 +98,13 @@ def test_renamed_internal_tensors_compare_equal(artifacts: Path, model_path: Pat
 
 
 def test_changed_patch_size_is_a_difference(artifacts: Path, model_path: Path, tmp_path: Path) -> None:
-    other = _compile(model_path, tmp_path / "r1", patch_size=1)
+    # r = 1 set for one layer (a global --patch-size 1 now means "not filtered", so it is set per layer).
+    layer = "/features/features.18/features.18.0/Conv"
+    other = _compile(model_path, tmp_path / "r1", patch_size_map={layer: 1})
     result = gfcompile("diff", artifacts, other)
     assert result.returncode == 1, result.stderr
-    assert "config.patch_size: 2 -> 1" in result.stdout
-    assert "plan.filtered['/features/features.18/features.18.0/Conv']: 2 -> 1" in result.stdout
+    assert f"config.patch_size_map['{layer}']: only in B: 1" in result.stdout
+    assert f"plan.filtered['{layer}']: 2 -> 1" in result.stdout
     assert "training_model:" in result.stdout and "nodes changed (~):" in result.stdout
     assert result.stdout.strip().splitlines()[-1].startswith("differ: manifest")
 
