@@ -24,7 +24,12 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     from pathlib import Path
 
-    parser = argparse.ArgumentParser(prog="gftrain", description="Train gfcompile artifacts on this device.")
+    class Parser(argparse.ArgumentParser):
+        def error(self, message: str):  # usage errors in the same `gfcompile: error:` form as every other error
+            self.print_usage(sys.stderr)
+            self.exit(2, f"gfcompile: error: {message}\n")
+
+    parser = Parser(prog="gftrain", description="Train gfcompile artifacts on this device.")
     parser.add_argument("artifacts", type=Path, help="artifacts folder or bundle written by gfcompile")
     parser.add_argument(
         "--data", type=Path, required=True, help=".npz with arrays x and y, or a folder with one subfolder per class"

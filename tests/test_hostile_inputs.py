@@ -503,6 +503,9 @@ CASES: dict[str, Case] = {
     "bundle signed with a public key": Case(
         lambda e, out: ["bundle", e["artifacts"], "-o", out, "--sign-key", e["trusted_key"]], "not a PEM private key"
     ),
+    "gftrain usage error": Case(
+        lambda e, out: [e["artifacts"], "--checkpoint", out], "the following arguments are required: --data", "runtime"
+    ),
     # ---- issue 15: sizes (V8) and nesting (V5)
     "gftrain npz zip bomb": gftrain_case("npz_bomb", message=("[3, 8, 8] per sample", "expects [3, 16, 16]")),
     "gftrain 900-megapixel PNG": gftrain_case("png_bomb", message=("huge.png", "decompression bomb")),
