@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import struct
@@ -781,3 +782,9 @@ def test_nan_loss_never_reaches_the_checkpoint(env: dict, tmp_path: Path) -> Non
     assert tree_digest(tmp_path / "good") == before != good  # step 4 saved above, then nothing
     with pytest.raises(RunError, match="compiled initial checkpoint"):
         reloaded.save(env["artifacts"] / "checkpoint")
+
+
+def test_the_readme_counts_this_table() -> None:
+    # The README promises a number; it must be this table's, not a stale one.
+    counted = re.search(r"table of (\d+) hostile inputs", (ROOT / "README.md").read_text())
+    assert counted is not None and int(counted.group(1)) == len(CASES), (counted and counted.group(1), len(CASES))
