@@ -133,6 +133,10 @@ def check_npz_headers(path: Path, manifest: dict, max_bytes: int) -> None:
     if "x" not in headers or "y" not in headers:
         raise RunError(f"{path}: expected arrays 'x' and 'y', found {sorted(headers)}")
     (x_shape, x_dtype), (y_shape, y_dtype) = headers["x"], headers["y"]
+    if x_dtype != np.uint8 and not np.issubdtype(x_dtype, np.floating):
+        raise RunError(f"{path}: input data must be uint8 images or floats, got dtype {x_dtype}")
+    if not (np.issubdtype(y_dtype, np.integer) or np.issubdtype(y_dtype, np.floating)):
+        raise RunError(f"{path}: labels must be numbers, got dtype {y_dtype}")
     expected = [int(d) for d in manifest["inputs"][0]["shape"][1:]]
     if len(x_shape) >= 1 and list(x_shape[1:]) != expected:
         raise RunError(f"{path}: inputs have shape {list(x_shape[1:])} per sample, the model expects {expected}")
