@@ -91,6 +91,12 @@ def compile_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="tile trainable layers too; their backward recomputes each band",
     )
+    tiling.add_argument(
+        "--feature-cache",
+        action="store_true",
+        help="also write the frozen prefix as an inference model and the trained tail's models, so training "
+        "with --cache-features runs the prefix once per sample",
+    )
     shapes = parser.add_argument_group("static shapes")
     shapes.add_argument("--batch-size", type=int, default=None, help="training batch size (default 32)")
     shapes.add_argument("--input-shape", type=_shape, default=None, help="input shape C,H,W (or N,C,H,W)")
@@ -320,6 +326,7 @@ def _compile(args: argparse.Namespace) -> int:
         output_dir=args.output,
         force=args.force,
         downconvert=args.downconvert,
+        feature_cache=args.feature_cache,
     )
     config.check()
     if args.verbose:

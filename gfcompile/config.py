@@ -34,6 +34,7 @@ class CompileConfig:
     output_dir: Path = Path("artifacts")
     force: bool = False
     downconvert: bool = False  # lower an IR version / opset newer than ORT 1.19 takes, where that is exact
+    feature_cache: bool = False  # also write the frozen prefix and the tail's models (gfcompile/prefix_split.py)
 
     def resolved_train_layers(self) -> int:
         if self.train_layers is not None:
@@ -46,6 +47,8 @@ class CompileConfig:
         data["train_layers"] = self.resolved_train_layers()
         if not self.downconvert:
             del data["downconvert"]  # recorded only when used, so ordinary manifests stay as they were
+        if not self.feature_cache:
+            del data["feature_cache"]
         return data
 
     def check(self) -> None:

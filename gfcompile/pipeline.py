@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +34,7 @@ from passes import (
 from passes.base import Plan
 from runtime.manifest import (
     FORMAT_VERSION,
+    FeatureCacheSpec,
     LayersSpec,
     Manifest,
     OptimizerSpec,
@@ -44,7 +46,7 @@ from runtime.manifest import (
 )
 from runtime.trainer import sha256_file
 
-from . import __version__, train_step
+from . import __version__, prefix_split, train_step
 from .backward import TrainingModels, build_backward
 from .config import DEFAULT_BATCH_SIZE, CompileConfig
 from .errors import GfError
@@ -91,14 +93,18 @@ def compile_model(model_path: Path, config: CompileConfig, report: Reporter = pr
     forward = run_passes(FORWARD_PASSES, model, plan, stage="forward")
     if plan.row_tiles >= 2 and not plan.tiled_chains:
         report(f"--row-tiles {plan.row_tiles}: no conv chain could be tiled (run with -v for why); compiled untiled")
+    # Split before the backward build, which fills in the plan; the tail compiles from its own copy.
+    split = prefix_split.split_frozen_prefix(forward, plan) if config.feature_cache else None
+    tail_plan = copy.deepcopy(plan)
     with staging_directory(config.output_dir) as staging:
+        feature_cache = compile_tail(split, tail_plan, config, model_path, costs, staging, report) if split else None
         report("building the backward graph with onnxruntime-training ...")
         train = build_backward(forward, plan, config, staging)
         train.training = run_passes(TRAINING_PASSES, train.training, plan, stage="training")
         lowered = run_passes(LOWER_PASSES, train_step.with_shapes(train.training), plan, stage="lower")
         portable = train_step.build_portable(lowered, train, plan.trainable_params, config)
         train.shapes = layer_shapes_to_record(train.eval, model, forward)
-        write_artifacts(train, plan, config, model_path, costs, portable)
+        write_artifacts(train, plan, config, model_path, costs, portable, feature_cache)
         report("opening the compiled models in onnxruntime ...")
         check_loadable(train.directory, row_tiling.required_session_options(plan), forward, plan)
         publish(staging, config.output_dir, force=config.force)
@@ -113,13 +119,43 @@ def write_artifacts(
     source: Path,
     costs: list[dict],
     portable: train_step.PortableModels,
+    feature_cache: FeatureCacheSpec | None = None,
 ) -> None:
     save_model(train.training, train.directory / "training_model.onnx")
     save_model(train.eval, train.directory / "eval_model.onnx")
     save_model(train.optimizer, train.directory / "optimizer_model.onnx")
     portable_spec = train_step.write_portable(portable, train.directory)
-    manifest = dataclasses.replace(build_manifest(train, plan, config, source, costs), portable=portable_spec)
+    manifest = dataclasses.replace(
+        build_manifest(train, plan, config, source, costs), portable=portable_spec, feature_cache=feature_cache
+    )
     write_manifest(train.directory, manifest.to_json())
+
+
+def compile_tail(
+    split: prefix_split.PrefixSplit,
+    plan: Plan,
+    config: CompileConfig,
+    source: Path,
+    costs: list[dict],
+    staging: Path,
+    report: Reporter,
+) -> FeatureCacheSpec:
+    """Write the frozen prefix and compile the tail like the whole graph, into a folder of its own.
+
+    Written before the whole graph's manifest, which then covers the tail's files too.
+    """
+    report(f"feature cache: the frozen prefix ends at {', '.join(split.cut)}; compiling the tail ...")
+    save_model(split.prefix, staging / prefix_split.PREFIX_MODEL)
+    tail = build_backward(split.tail, plan, config, staging / prefix_split.TAIL_DIRECTORY)
+    tail.training = run_passes(TRAINING_PASSES, tail.training, plan, stage="training")
+    lowered = run_passes(LOWER_PASSES, train_step.with_shapes(tail.training), plan, stage="lower")
+    portable = train_step.build_portable(lowered, tail, plan.trainable_params, config)
+    write_artifacts(tail, plan, config, source, costs, portable)
+    return FeatureCacheSpec(
+        prefix_model=prefix_split.PREFIX_MODEL,
+        tail=prefix_split.TAIL_DIRECTORY,
+        cut=tuple(_tensor_spec(value) for value in split.prefix.graph.output),
+    )
 
 
 def build_manifest(

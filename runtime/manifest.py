@@ -275,6 +275,24 @@ class PortableSpec:
 
 
 @dataclass(frozen=True)
+class FeatureCacheSpec:
+    """The frozen-prefix split (gfcompile/prefix_split.py): the prefix inference model, the folder of
+    the tail's artifacts (a full artifacts folder with its own manifest, whose inputs are `cut`),
+    and the cut tensors the prefix outputs."""
+
+    prefix_model: str
+    tail: str
+    cut: tuple[TensorSpec, ...]
+
+    def __post_init__(self) -> None:
+        _safe_file_name(self.prefix_model, "prefix_model")
+        _safe_file_name(self.tail, "tail")
+        _require(len(self.cut) >= 1, "cut", "must list at least one tensor")
+        for index, spec in enumerate(self.cut):
+            _require(spec.static, f"cut[{index}].shape", f"expected static dims, got {list(spec.shape)}")
+
+
+@dataclass(frozen=True)
 class Manifest:
     format_version: int
     source: SourceSpec
@@ -299,6 +317,7 @@ class Manifest:
     # Static shapes the compiler measured for layer tensors that eval_model.onnx leaves symbolic (e.g.
     # after a channel shuffle's Reshape); `gfcompile inspect` reads them. Tensor name -> dims.
     shapes: dict[str, tuple[int, ...]] | None = field(default=None, metadata=_SECTION)
+    feature_cache: FeatureCacheSpec | None = field(default=None, metadata=_SECTION)
     extra: dict[str, Any] = field(default_factory=dict)  # entries this runtime does not read, kept as they are
 
     def __post_init__(self) -> None:

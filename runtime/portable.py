@@ -189,7 +189,9 @@ class PortableTrainer(Trainer):
         return loss
 
     def _bind_batch(self, binding, x: np.ndarray, y: np.ndarray) -> None:
-        binding.bind_cpu_input(self.portable.data_inputs[0], np.ascontiguousarray(x))
+        # A tuple: the several inputs of a feature-cache tail (runtime/feature_cache.py).
+        for name, value in zip(self.portable.data_inputs, x if isinstance(x, tuple) else (x,), strict=False):
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))
         binding.bind_cpu_input(self.portable.label_input, np.ascontiguousarray(y))
 
     def outputs(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:

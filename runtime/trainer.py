@@ -263,7 +263,8 @@ class Trainer:
 
     def _run_module(self, x: np.ndarray, y: np.ndarray):
         try:
-            return self.module(x, y)
+            # A tuple: the several inputs of a feature-cache tail (runtime/feature_cache.py).
+            return self.module(*x, y) if isinstance(x, tuple) else self.module(x, y)
         except Exception as exc:  # onnxruntime's errors for inputs the graph does not take
             raise RunError(
                 f"step {self.step + 1}: onnxruntime cannot run the model on this batch ({_one_line(exc)}); "
