@@ -84,9 +84,11 @@ def test_a_killed_compiles_staging_folder_is_swept_by_the_next_compile(model: Pa
 def test_an_output_that_appears_during_a_compile_is_not_replaced(model: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     process = _compile(model, out)
+    other_run = tmp_path.parent / f"{tmp_path.name}-other-run"  # another run's finished output, moved in whole
+    other_run.mkdir()
+    (other_run / "precious.txt").write_text("another run's result")
     _wait_for(process, lambda: bool(_staging(tmp_path)))  # past the up-front check of the output
-    out.mkdir()
-    (out / "precious.txt").write_text("another run's result")
+    os.rename(other_run, out)
     _, stderr = process.communicate(timeout=300)
     assert process.returncode == 2, stderr
     errors = [line for line in stderr.splitlines() if line.startswith("gfcompile: error:")]
