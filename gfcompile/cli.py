@@ -404,6 +404,7 @@ def _bundle(args: argparse.Namespace) -> int:
 def _run(command: str, args: argparse.Namespace) -> int:
     from runtime import training_run
     from runtime.data import load_data
+    from runtime.feature_cache import open_run_trainer
     from runtime.trainer import Trainer
 
     if command == "eval":
@@ -412,7 +413,7 @@ def _run(command: str, args: argparse.Namespace) -> int:
         return 0
     save = args.save or args.artifacts / "trained_checkpoint"
     start = training_run.start_checkpoint(save, args.checkpoint, resume=args.resume, restart=args.restart)
-    trainer = Trainer(args.artifacts, checkpoint=start, lr=args.lr)
+    trainer = open_run_trainer(args.artifacts, start, args.lr, save, args)
     training_run.check_outputs(trainer, save, args.export)
     skip = args.skip_nonfinite
     data = load_data(args.data, trainer.manifest, allow_nonfinite=skip)

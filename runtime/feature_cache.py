@@ -63,6 +63,15 @@ def default_directory(checkpoint: Path) -> Path:
     return checkpoint.with_name(checkpoint.name + ".features")
 
 
+def open_run_trainer(artifacts: Path, checkpoint: Path | None, lr: float | None, save: Path, args) -> Trainer:
+    """The trainer of a `gftrain` / `gfcompile train` run: a CachedTrainer with --cache-features
+    (options declared in runtime/options.py), else the Trainer."""
+    if not args.cache_features:
+        return Trainer(artifacts, checkpoint=checkpoint, lr=lr)
+    directory = args.cache_dir if args.cache_dir is not None else default_directory(save)
+    return CachedTrainer(artifacts, checkpoint, lr, CacheSettings(directory, args.cache_memory_mb))
+
+
 class FeatureStore:
     """The cut tensors of every sample: the first `resident` rows in memory, the rest memory-mapped.
 
@@ -138,7 +147,8 @@ class FeatureCache:
             self.built = False
         layout = self._layout(len(data))
         mapped = [
-            np.memmap(directory / FEATURES_FILE, np.float32, "r", offset=offset, shape=shape) for offset, shape in layout
+            np.memmap(directory / FEATURES_FILE, np.float32, "r", offset=offset, shape=shape)
+            for offset, shape in layout
         ]
         per_sample = sum(int(np.prod(shape[1:])) * 4 for _, shape in layout)
         resident = min(len(data), int(self.settings.memory_mb * 2**20) // per_sample)

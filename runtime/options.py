@@ -74,3 +74,19 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         help="accept samples with NaN/Inf inputs (refused by default) and skip any batch whose loss or gradient "
         "is not finite instead of stopping; the weights and checkpoints never take NaN values either way",
     )
+    cache = parser.add_argument_group("feature cache (artifacts compiled with gfcompile --feature-cache)")
+    cache.add_argument(
+        "--cache-features",
+        action="store_true",
+        help="run the frozen prefix once per sample and train the tail on its cached outputs (same data order "
+        "and weights); the cache is rebuilt when the data or the prefix model changes",
+    )
+    cache.add_argument(
+        "--cache-memory-mb",
+        type=positive_float("--cache-memory-mb"),
+        default=1024.0,
+        help="cached features kept in memory; the rest is read from the cache file through a memory map",
+    )
+    cache.add_argument(
+        "--cache-dir", type=Path, default=None, help="where the cache file lives (default: CHECKPOINT.features)"
+    )
