@@ -23,6 +23,7 @@ from flwr.clientapp import ClientApp
 from .bundle import open_trainer
 from .data import Dataset, batches, load_npz
 from .errors import RunError
+from .feature_cache import CachedTrainer, CacheSettings
 from .federated_data import dirichlet_partition
 from .trainer import Trainer, load_manifest
 
@@ -97,9 +98,12 @@ class FitResult:
 class FederatedClient:
     """One device: a compiled bundle and its private data."""
 
-    def __init__(self, artifacts: Path, data: Dataset, lr: float | None = None):
+    def __init__(self, artifacts: Path, data: Dataset, lr: float | None = None, cache: CacheSettings | None = None):
         self.artifacts = Path(artifacts)
         self.lr = lr
+        # With a cache, local epochs run the frozen prefix once per sample (runtime/feature_cache.py).
+        self.cache = cache
+        self._features: Dataset | None = None
         trainer = open_trainer(self.artifacts, lr=lr)  # every shipped file checked once, up front
         self.expected = expected_arrays(trainer)
         self.batch_size = trainer.batch_size
@@ -121,10 +125,10 @@ class FederatedClient:
         check_arrays(arrays, self.expected, "the server's parameters")
         if steps < 1:
             raise RunError(f"local steps must be at least 1, got {steps}")
-        trainer = Trainer(self.artifacts, lr=self.lr)
+        trainer = self._new_trainer()
         set_trainable(trainer, arrays)
         anchor = {name: np.asarray(arrays[name], dtype=np.float32) for name in trainer.trainable}
-        stream = batches(self.data, trainer.batch_size, seed)
+        stream = batches(self._training_data(trainer), trainer.batch_size, seed)
         losses = []
         for _ in range(steps):
             before = trainable_values(trainer) if proximal_mu else None
@@ -141,10 +145,23 @@ class FederatedClient:
 
     def evaluate(self, arrays: dict[str, np.ndarray]) -> tuple[float, float | None]:
         check_arrays(arrays, self.expected, "the server's parameters")
-        trainer = Trainer(self.artifacts, lr=self.lr)
+        trainer = self._new_trainer()
         set_trainable(trainer, arrays)
         result = trainer.evaluate(self.data)
         return result.loss, result.accuracy
+
+    def _new_trainer(self) -> Trainer:
+        if self.cache is None:
+            return Trainer(self.artifacts, lr=self.lr)
+        return CachedTrainer(self.artifacts, lr=self.lr, settings=self.cache)
+
+    def _training_data(self, trainer: Trainer) -> Dataset:
+        """The client's samples, or their cached prefix features (opened once, reused every round)."""
+        if self.cache is None:
+            return self.data
+        if self._features is None:
+            self._features = trainer.features(self.data)
+        return self._features
 
 
 @dataclass
@@ -156,6 +173,7 @@ class ClientConfig:
     alpha: float = 0.5
     partition_seed: int = 0
     lr: float | None = None
+    cache_dir: str = ""  # with a folder, clients cache their frozen-prefix features there (one per partition)
 
     @classmethod
     def from_run_config(cls, run_config: dict) -> ClientConfig:
@@ -169,6 +187,7 @@ class ClientConfig:
             alpha=float(run_config.get("alpha", 0.5)),
             partition_seed=int(run_config.get("partition-seed", 0)),
             lr=lr if lr > 0 else None,
+            cache_dir=str(run_config.get("cache-dir", "")),
         )
 
 
@@ -187,6 +206,7 @@ def partition_client(config: ClientConfig, partition_id: int, num_partitions: in
         config.alpha,
         config.partition_seed,
         config.lr,
+        config.cache_dir,
         partition_id,
         num_partitions,
     )
@@ -195,7 +215,14 @@ def partition_client(config: ClientConfig, partition_id: int, num_partitions: in
             raise RunError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
         full, parts = partitions(config, num_partitions)
         index = parts[partition_id]
-        _CLIENTS[key] = FederatedClient(Path(config.artifacts), Dataset(x=full.x[index], y=full.y[index]), config.lr)
+        cache = (
+            CacheSettings(Path(config.cache_dir) / f"partition-{partition_id}-of-{num_partitions}")
+            if config.cache_dir
+            else None
+        )
+        _CLIENTS[key] = FederatedClient(
+            Path(config.artifacts), Dataset(x=full.x[index], y=full.y[index]), config.lr, cache
+        )
     return _CLIENTS[key]
 
 
