@@ -101,8 +101,7 @@ def compile_model(model_path: Path, config: CompileConfig, report: Reporter = pr
         report("building the backward graph with onnxruntime-training ...")
         train = build_backward(forward, plan, config, staging)
         train.training = run_passes(TRAINING_PASSES, train.training, plan, stage="training")
-        lowered = run_passes(LOWER_PASSES, train_step.with_shapes(train.training), plan, stage="lower")
-        portable = train_step.build_portable(lowered, train, plan.trainable_params, config)
+        portable = build_portable_step(train, plan, config, report)
         train.shapes = layer_shapes_to_record(train.eval, model, forward)
         write_artifacts(train, plan, config, model_path, costs, portable, feature_cache)
         report("opening the compiled models in onnxruntime ...")
@@ -112,19 +111,33 @@ def compile_model(model_path: Path, config: CompileConfig, report: Reporter = pr
     return config.output_dir
 
 
+def build_portable_step(
+    train: TrainingModels, plan: Plan, config: CompileConfig, report: Reporter
+) -> train_step.PortableModels | None:
+    """The portable train step (standard ONNX ops, for plain onnxruntime), or None with a note naming
+    the op when the training graph has one that no lower pass handles yet: the artifacts still train
+    with onnxruntime-training, and the portable runtime refuses them in one line."""
+    try:
+        lowered = run_passes(LOWER_PASSES, train_step.with_shapes(train.training), plan, stage="lower")
+        return train_step.build_portable(lowered, train, plan.trainable_params, config)
+    except GfError as exc:
+        report(f"note: no portable train step (these artifacts need onnxruntime-training): {exc}")
+        return None
+
+
 def write_artifacts(
     train: TrainingModels,
     plan: Plan,
     config: CompileConfig,
     source: Path,
     costs: list[dict],
-    portable: train_step.PortableModels,
+    portable: train_step.PortableModels | None,
     feature_cache: FeatureCacheSpec | None = None,
 ) -> None:
     save_model(train.training, train.directory / "training_model.onnx")
     save_model(train.eval, train.directory / "eval_model.onnx")
     save_model(train.optimizer, train.directory / "optimizer_model.onnx")
-    portable_spec = train_step.write_portable(portable, train.directory)
+    portable_spec = train_step.write_portable(portable, train.directory) if portable is not None else None
     manifest = dataclasses.replace(
         build_manifest(train, plan, config, source, costs), portable=portable_spec, feature_cache=feature_cache
     )
@@ -148,8 +161,7 @@ def compile_tail(
     save_model(split.prefix, staging / prefix_split.PREFIX_MODEL)
     tail = build_backward(split.tail, plan, config, staging / prefix_split.TAIL_DIRECTORY)
     tail.training = run_passes(TRAINING_PASSES, tail.training, plan, stage="training")
-    lowered = run_passes(LOWER_PASSES, train_step.with_shapes(tail.training), plan, stage="lower")
-    portable = train_step.build_portable(lowered, tail, plan.trainable_params, config)
+    portable = build_portable_step(tail, plan, config, report)
     write_artifacts(tail, plan, config, source, costs, portable)
     return FeatureCacheSpec(
         prefix_model=prefix_split.PREFIX_MODEL,

@@ -76,8 +76,7 @@ def check_standard_ops(model: onnx.ModelProto) -> None:
     for node in model.graph.node:
         if node.domain not in ("", "ai.onnx") or not onnx.defs.has(node.op_type):
             raise GfError(
-                f"portable train step: no lowering to standard ONNX for {node.domain or 'ai.onnx'}::{node.op_type} "
-                f"(node {node.name!r}); these artifacts need onnxruntime-training"
+                f"no lowering to standard ONNX for {node.domain or 'ai.onnx'}::{node.op_type} (node {node.name!r})"
             )
 
 

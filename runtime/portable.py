@@ -67,8 +67,8 @@ class PortableTrainer(Trainer):
         self.manifest = self.spec.to_json()
         if self.spec.portable is None:
             raise RunError(
-                f"{self.artifacts}: these artifacts have no portable train step (compiled by an older gfcompile); "
-                "recompile them, or install onnxruntime-training-cpu==1.19.2"
+                f"{self.artifacts}: these artifacts have no portable train step (an older gfcompile, or an op "
+                "without a lowering, which the compile named); install onnxruntime-training-cpu==1.19.2 to train them"
             )
         self.portable: PortableSpec = self.spec.portable
         self.identity = artifacts_identity(self.spec)
