@@ -236,12 +236,14 @@ class CachedTrainer:
         lr: float | None = None,
         settings: CacheSettings | None = None,
         out: TextIO = sys.stderr,
+        backend: type[Trainer] = Trainer,
     ):
         self.artifacts = Path(artifacts)
         self.spec = verified_manifest(self.artifacts)
         check_cacheable(self.artifacts, self.spec)
         self.manifest = self.spec.to_json()
-        self.tail = Trainer(self.artifacts / self.spec.feature_cache.tail, checkpoint=checkpoint, lr=lr)
+        # `backend`: Trainer picks the training build where installed; runtime.portable.PortableTrainer forces the other.
+        self.tail = backend(self.artifacts / self.spec.feature_cache.tail, checkpoint=checkpoint, lr=lr)
         self.settings = settings or CacheSettings(default_directory(self.artifacts / "trained_checkpoint"))
         self.cache = FeatureCache(self.artifacts, self.spec, self.settings, out)
         self._features: tuple[np.ndarray, FeatureStore] | None = None
