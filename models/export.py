@@ -49,6 +49,9 @@ class _DictEntry(nn.Module):
         self._buffers.update(model._buffers)
         object.__setattr__(self, "_model_forward", model.forward)
         self.key = key
+        # An exporter restores the mode of the module it was given, recursively: that must be the model's
+        # own mode, or exporting this view would leave the shared BatchNorms in training mode.
+        self.training = model.training
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._model_forward(x)[self.key]

@@ -19,6 +19,7 @@ from gfcompile.loadcheck import check_loadable
 from gfcompile.loading import MAX_IR_VERSION, MAX_OPSET
 from gfcompile.pipeline import compile_model
 from gfcompile.planning import select_layers
+from models.export import prediction_module
 from runtime.trainer import Trainer
 from tests.tiny_models import ConvSpec, tiny_cnn
 from tests.zoo_helpers import relative_error, torch
@@ -71,6 +72,8 @@ def test_segmentation_export_has_the_out_tensor_only(tmp_path: Path, capsys) -> 
     x = np.random.default_rng(1).standard_normal((2, 3, 32, 32)).astype(np.float32)
     with torch.no_grad():
         expected = reference(torch.from_numpy(x))["out"].numpy()
+    # The "out" view takes the model's mode: an exporter restoring the view's mode must not put BN in training.
+    assert not prediction_module(reference, torch.from_numpy(x)).training
     actual = onnx_outputs(path, x)
     assert actual.shape == (2, 3, 32, 32)
     assert relative_error(actual, expected) <= 1e-5

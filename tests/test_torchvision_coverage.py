@@ -221,6 +221,7 @@ def compiled_step(artifacts: Path, x: np.ndarray, y: np.ndarray) -> tuple[float,
 
 
 def torch_step(model, arch: Arch, trainable: list[str], x: np.ndarray, y: np.ndarray):
+    model.eval()
     named = dict(model.named_parameters())
     for name, parameter in named.items():
         parameter.requires_grad_(name in trainable)
@@ -267,7 +268,7 @@ def check_exact(bench: Workbench, arch: Arch) -> str:
     named = dict(model.named_parameters())
     assert set(trainable) <= set(named), f"trainable tensors that are no torch parameter: {set(trainable) - set(named)}"
     ref_loss, ref_grads = torch_step(model, arch, trainable, x, y)
-    assert abs(loss - ref_loss) <= EXACT_TOLERANCE * max(1.0, abs(ref_loss)), (loss, ref_loss)
+    assert abs(loss - ref_loss) <= EXACT_TOLERANCE * max(1.0, abs(ref_loss)), f"loss {loss} vs torch {ref_loss}"
     errors = {name: relative_error(grads[name], ref_grads[name]) for name in trainable}
     worst = max(errors, key=errors.get)
     assert errors[worst] <= EXACT_TOLERANCE, f"{worst}: relative error {errors[worst]:.2e}"
@@ -342,7 +343,7 @@ def check_legacy_default_export(bench: Workbench, arch: Arch) -> str:
         if name in named and np.array_equal(np.array(trainer.state.parameters[name].data), named[name].detach().numpy())
     ]
     ref_loss, ref_grads = torch_step(model, arch, intact, x, y)
-    assert abs(loss - ref_loss) <= EXACT_TOLERANCE * max(1.0, abs(ref_loss)), (loss, ref_loss)
+    assert abs(loss - ref_loss) <= EXACT_TOLERANCE * max(1.0, abs(ref_loss)), f"loss {loss} vs torch {ref_loss}"
     errors = {name: relative_error(grads[name], ref_grads[name]) for name in intact}
     worst = max(errors, key=errors.get, default=None)
     assert worst is None or errors[worst] <= EXACT_TOLERANCE, f"{worst}: relative error {errors[worst]:.2e}"
