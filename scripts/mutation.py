@@ -277,7 +277,10 @@ def main(argv: list[str] | None = None) -> int:
             for mutant in chosen:
                 originals = {path: path.read_text() for path in anchors[mutant.name]}
                 for path, text in originals.items():
-                    path.write_text(re.sub(mutant.pattern, mutant.replacement, text))
+                    mutated = re.sub(mutant.pattern, mutant.replacement, text)
+                    if mutated == text:
+                        raise MutationError(f"{mutant.name}: the replacement leaves {path.relative_to(tree)} unchanged")
+                    path.write_text(mutated)
                 started = time.monotonic()
                 try:
                     status, summary = run_tests(tree, mutant.tests, stop_first=True, timeout=args.timeout)
