@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import accuracy, analytic, convergence, federated, layers, memory, step
+from . import accuracy, analytic, convergence, feature_cache, federated, layers, memory, step
 from .common import Suite
 
 SUITES: dict[str, Suite] = {
@@ -19,5 +19,10 @@ SUITES: dict[str, Suite] = {
         ),
         Suite("convergence", "time to accuracy on digits 5-9: exact BP vs gradient filtering", convergence.run),
         federated.SUITE,
+        Suite(
+            "feature_cache",
+            "epoch time and peak memory with the frozen-prefix feature cache vs without, and the cache build time",
+            feature_cache.run,
+        ),
     )
 }
