@@ -46,6 +46,7 @@ __all__ = [
     "Rule",
     "evaluate",
     "layer_terms",
+    "load_pinned",
     "rules",
     "search",
 ]
@@ -121,14 +122,19 @@ def _depends_on(model: Any, tensor: str, producers: set[str]) -> bool:
     return False
 
 
-def layer_terms(onnx_path: Path, n: int, selection: str, r: int = PATCH) -> dict[str, Any]:
-    """The countable quantities of the last `n` trained convs of a model (batch 1), and its head width."""
+def load_pinned(onnx_path: Path) -> Any:
+    """The model as the compiler sees it, shapes pinned at batch 1."""
     from gfcompile.config import CompileConfig
     from gfcompile.loading import load_and_validate, pin_shapes
+
+    return pin_shapes(load_and_validate(onnx_path), CompileConfig(batch_size=1))
+
+
+def layer_terms(model: Any, n: int, selection: str, r: int = PATCH) -> dict[str, Any]:
+    """The countable quantities of the last `n` trained convs of a pinned model (batch 1), and its head width."""
     from gfcompile.planning import conv_layers
     from passes.geometry import filter_geometry
 
-    model = pin_shapes(load_and_validate(onnx_path), CompileConfig(batch_size=1))
     layers = _select(conv_layers(model), n, selection)
     trained_outputs: set[str] = set()
     rows = []
@@ -276,14 +282,15 @@ def evaluate(rule: Rule, kind: str, terms: dict[tuple[str, int, str], dict[str, 
     return errors
 
 
-def search(onnx_paths: dict[str, Path]) -> dict[str, Any]:
-    """Evaluate every rule on every figure; the best rules per kind and what each figure is matched by."""
-    terms = {
-        (model, n, selection): layer_terms(onnx_paths[model], n, selection)
-        for model in PAPER_TABLE2
-        for n in PAPER_TABLE2[model]
-        for selection in ("graph", "paper")
-    }
+def search(models: dict[str, Any]) -> dict[str, Any]:
+    """Evaluate every rule on every figure of the pinned Table 2 `models` (zoo name -> `load_pinned`).
+
+    Returns, per kind, the rules ranked by their worst error and the rules that match each figure.
+    """
+    terms = {}
+    for model in PAPER_TABLE2:
+        for n, selection in itertools.product(PAPER_TABLE2[model], ("graph", "paper")):
+            terms[(model, n, selection)] = layer_terms(models[model], n, selection)
     vanilla_rules, filtered_rules = rules()
     result: dict[str, Any] = {}
     for kind, candidates in (("vanilla", vanilla_rules), ("filtered", filtered_rules)):
@@ -353,7 +360,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=8, help="rules to list per kind (default: %(default)s)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="gf-flops-") as tmp:
-        result = search(export_table2_models(Path(tmp)))
+        result = search({name: load_pinned(path) for name, path in export_table2_models(Path(tmp)).items()})
     print(format_report(result, args.top))
     return 0
 
