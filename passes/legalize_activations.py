@@ -4,7 +4,7 @@ Contract
 --------
 Input: any loaded model (legalize stage, no Plan yet).
 Output: the same function, with every HardSigmoid, HardSwish, Elu, Selu, Celu, Softsign
-node (and Softplus, Mish) replaced by elementwise standard ops that have ORT gradients and CPU
+node (and Softplus, Mish, PRelu) replaced by elementwise standard ops that have ORT gradients and CPU
 gradient kernels (Mul, Add, Sub, Div, Clip, Min, Exp, Log, Tanh, Abs, Relu). Each rewrite follows the op's ONNX definition,
 attributes included, so the forward values agree with ORT's kernels to float rounding:
 
@@ -16,6 +16,7 @@ attributes included, so the forward values agree with ORT's kernels to float rou
     Softsign(x)    = x / (1 + |x|)
     Softplus(x)    = Log(Exp(Min(x, 20)) + 1) + Relu(x - 20)
     Mish(x)        = x * Tanh(Softplus(x))
+    PRelu(x, s)    = Relu(x) + s * Min(x, 0)   (s stays the node's own input, so it still trains)
 
 Softplus switches to the identity above 20, as PyTorch does, so Exp cannot overflow; below
 about -17 it returns 0 where the true value is under 6e-8 (its gradient there is still exp(x)).
@@ -135,6 +136,13 @@ def _rewrite_mish(emit: Emitter, node: gs.Node, x: gs.Tensor, y: gs.Variable) ->
     emit.op("Mul", "mish", [x, gate], into=y)
 
 
+def _rewrite_prelu(emit: Emitter, node: gs.Node, x: gs.Tensor, y: gs.Variable) -> None:
+    positive = emit.op("Relu", "positive", [x])
+    negative = emit.op("Min", "negative", [x, _scalar(emit, "zero", 0.0)])
+    sloped = emit.op("Mul", "sloped", [negative, node.inputs[1]])
+    emit.op("Add", "prelu", [positive, sloped], into=y)
+
+
 Rewrite = Callable[[Emitter, gs.Node, gs.Tensor, gs.Variable], None]
 
 REWRITES: dict[str, Rewrite] = {
@@ -146,4 +154,5 @@ REWRITES: dict[str, Rewrite] = {
     "Softsign": _rewrite_softsign,
     "Softplus": _rewrite_softplus,
     "Mish": _rewrite_mish,
+    "PRelu": _rewrite_prelu,
 }

@@ -124,6 +124,27 @@ def test_activation_rewrite_matches_ort_and_torch_gradient(op: str) -> None:
     assert_close(grads["scale"], ref_grads["scale"], 1e-5)
 
 
+def test_prelu_slope_still_trains() -> None:
+    rng = np.random.default_rng(13)
+    slope = rng.uniform(0.05, 0.3, (3, 1, 1)).astype(np.float32)
+    nodes = [helper.make_node("PRelu", ["x", "slope"], ["y"], name="prelu")]
+    model = make_model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 4, 4])],
+        [numpy_helper.from_array(slope, "slope")],
+    )
+    legal = legalize(model, legalize_activations)
+    assert "PRelu" not in {node.op_type for node in legal.graph.node}
+    x = rng.standard_normal((2, 3, 4, 4)).astype(np.float32)
+    target = rng.standard_normal((2, 3, 4, 4)).astype(np.float32)
+    np.testing.assert_allclose(run_forward(legal, {"x": x})[0], run_forward(model, {"x": x})[0], rtol=1e-6, atol=1e-7)
+    loss, grads = ort_gradients(legal, ["slope"], x, target)
+    ref_loss, ref = torch_gradients(lambda t, p: F.prelu(t, p["slope"].reshape(-1)), {"slope": slope}, x, target)
+    assert abs(loss - ref_loss) <= 1e-5 * max(1.0, abs(ref_loss))
+    assert_close(grads["slope"], ref["slope"], 1e-5)
+
+
 def test_activation_constants_are_not_initializers() -> None:
     """The planner reads float initializers in parameter inputs as layer parameters; a rewrite's
     alpha/beta must not become one."""
