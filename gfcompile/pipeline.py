@@ -21,6 +21,7 @@ from passes import (
     layernorm_outputs,
     legalize_activations,
     legalize_resize,
+    lower_activations,
     lower_batchnorm,
     lower_conv_grad,
     lower_loss_grad,
@@ -69,7 +70,14 @@ from .summary import format_table, layer_costs, totals
 LEGALIZE_PASSES = (untie_parameters, legalize_activations, legalize_resize, layernorm_outputs, concat_inputs)
 FORWARD_PASSES = (frozen_bn_fold, bn_eval_affine, cleanup, row_tiling)
 TRAINING_PASSES = (gradient_filter, gradient_filter_fusion, activation_mask, row_recompute, save_early)
-LOWER_PASSES = (lower_conv_grad, lower_pool_grad, lower_batchnorm, lower_loss_grad, lower_training_ops)
+LOWER_PASSES = (
+    lower_conv_grad,
+    lower_pool_grad,
+    lower_batchnorm,
+    lower_activations,
+    lower_loss_grad,
+    lower_training_ops,
+)
 
 Reporter = Callable[[str], None]
 

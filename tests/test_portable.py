@@ -219,6 +219,23 @@ def test_small_training_ops_lowering() -> None:
     _check_lowering(_model(nodes, inputs, outputs), _feeds(inputs, overrides={"s": np.array(4.0, np.float32)}))
 
 
+@pytest.mark.parametrize("alpha", [None, 1.0])
+def test_activation_lowerings(alpha: float | None) -> None:
+    inputs = {"x": ((2, 3, 5), TensorProto.FLOAT), "dy": ((2, 3, 5), TensorProto.FLOAT)}
+    quick = {} if alpha is None else {"alpha": alpha}
+    nodes = [
+        helper.make_node("Gelu", ["x"], ["gelu"], domain=MS),
+        helper.make_node("GeluGrad", ["dy", "x"], ["gelu_dx"], domain=MS),
+        helper.make_node("QuickGelu", ["x"], ["quick"], domain=MS, **quick),
+        helper.make_node("QuickGeluGrad", ["dy", "x"], ["quick_dx"], domain=MS, **quick),
+        helper.make_node("Sigmoid", ["x"], ["sigmoid"]),
+        helper.make_node("SigmoidGrad", ["dy", "sigmoid"], ["sigmoid_dx"], domain=MS),
+    ]
+    outputs = ["gelu", "gelu_dx", "quick", "quick_dx", "sigmoid_dx"]
+    feeds = _feeds(inputs, overrides={"x": np.linspace(-6, 6, 30, dtype=np.float32).reshape(2, 3, 5)})
+    _check_lowering(_model(nodes, inputs, outputs), feeds)
+
+
 def test_an_op_without_lowering_is_named_in_one_line(tmp_path) -> None:
     from gfcompile.errors import GfError
     from gfcompile.train_step import check_standard_ops
