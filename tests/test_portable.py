@@ -236,6 +236,32 @@ def test_activation_lowerings(alpha: float | None) -> None:
     _check_lowering(_model(nodes, inputs, outputs), feeds)
 
 
+@pytest.mark.parametrize("axis", [-1, 1])
+def test_layer_norm_grad_lowering(axis: int) -> None:
+    shape = (2, 3, 4, 5)
+    normalized = shape[axis:] if axis >= 0 else shape[axis:]
+    inputs = {
+        "x": (shape, TensorProto.FLOAT),
+        "dy": (shape, TensorProto.FLOAT),
+        "scale": (normalized, TensorProto.FLOAT),
+        "bias": (normalized, TensorProto.FLOAT),
+    }
+    nodes = [
+        helper.make_node(
+            "LayerNormalization", ["x", "scale", "bias"], ["y", "mean", "inv_std"], axis=axis, epsilon=1e-5
+        ),
+        helper.make_node(
+            "LayerNormalizationGrad",
+            ["dy", "x", "scale", "mean", "inv_std"],
+            ["dx", "dscale", "dbias"],
+            domain=MS,
+            axis=axis,
+            epsilon=1e-5,
+        ),
+    ]
+    _check_lowering(_model(nodes, inputs, ["dx", "dscale", "dbias"]), _feeds(inputs))
+
+
 def test_an_op_without_lowering_is_named_in_one_line(tmp_path) -> None:
     from gfcompile.errors import GfError
     from gfcompile.train_step import check_standard_ops
