@@ -292,10 +292,10 @@ def _show_pass_log() -> None:
     """Print the passes' log (loggers "gfcompile.passes.*", debug level: skipped matches too) to stderr."""
     import logging
 
+    logger = logging.getLogger("gfcompile.passes")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
-    logger = logging.getLogger("gfcompile.passes")
-    logger.addHandler(handler)
+    logger.handlers = [handler]  # once, however often main() runs in one process
     logger.setLevel(logging.DEBUG)
     logger.propagate = False  # a root handler some library installs would print every line twice
 

@@ -320,3 +320,22 @@ def test_model_for_runner_checks_is_valid() -> None:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
     )
     assert single_producer_problem(helper.make_model(graph)) == "tensor 'y' is written 2 times"
+
+
+def test_verbose_compile_shows_why_row_tiling_skipped(tmp_path: Path, capsys) -> None:
+    import logging
+
+    from gfcompile.cli import main
+    from tests.tiny_models import ConvSpec
+
+    path = tmp_path / "flat.onnx"
+    path.write_bytes(tiny_cnn([ConvSpec(4), ConvSpec(4)]).SerializeToString())
+    args = [str(path), "-o", str(tmp_path / "artifacts"), "--train-layers", "1", "--batch-size", "2"]
+    try:
+        assert main([*args, "--row-tiles", "4", "-v"]) == 0
+    finally:
+        logging.getLogger("gfcompile.passes").handlers.clear()
+    err = capsys.readouterr().err
+    assert "gfcompile.passes.row_tiling: region: 2 row-local ops from x, ended by conv2 (trained;" in err
+    assert "--row-tiles 4: no conv chain could be tiled" in err
+    assert "running gradient_filter (training stage" in err
