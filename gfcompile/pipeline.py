@@ -62,7 +62,7 @@ from .output import (
     write_manifest,
 )
 from .passrunner import pass_name, passes_before, run_passes
-from .planning import select_layers, untrained_initializers
+from .planning import reused_parameters, select_layers, untrained_initializers
 from .summary import format_table, layer_costs, totals
 
 # Each stage's passes, in order (see passes/base.py for the stages and the pass contract).
@@ -86,6 +86,7 @@ def compile_model(model_path: Path, config: CompileConfig, report: Reporter = pr
     """Compile `model_path` into a training artifacts folder at `config.output_dir`."""
     check_output_dir(config.output_dir, config.force)
     model = load_and_validate(model_path, downconvert=config.downconvert)
+    report_reused_parameters(model, report)
     legalized: list[str] = []
     model = run_passes(LEGALIZE_PASSES, model, None, stage="legalize", history=legalized)
     report_batch_default(model, config, report)
@@ -247,6 +248,15 @@ def describe_plan(plan: Plan) -> str:
         f"{len(plan.convs)} conv layers; training the last {len(trainable)} "
         f"({len(plan.trainable_params)} parameter tensors); gradient-filtered: {filtered}{fitted}{tiling}"
     )
+
+
+def report_reused_parameters(model: onnx.ModelProto, report: Reporter) -> None:
+    """Say which parameters the source model applies more than once: untie_parameters splits them."""
+    for name, readers in reused_parameters(model).items():
+        report(
+            f"note: parameter {name} is read by {len(readers)} layers ({', '.join(readers[:4])}); "
+            "each trains its own copy, where PyTorch would train one shared tensor"
+        )
 
 
 def report_untrained(model: onnx.ModelProto, plan: Plan, report: Reporter) -> None:

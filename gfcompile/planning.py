@@ -17,7 +17,7 @@ from passes.base import ConvLayer, Plan
 from passes.geometry import explicit_pads
 from passes.parameters import (
     BN_STATISTICS_INPUTS,
-    PARAMETER_INPUTS,  # noqa: F401  (backward.py and diff.py import it from here)
+    PARAMETER_INPUTS,
     VIEW_OPS,
     parameter_slots,
 )
@@ -336,3 +336,21 @@ def untrained_initializers(model: onnx.ModelProto, plan: Plan) -> list[str]:
                 continue
             unexplained.append(name)
     return unexplained
+
+
+def reused_parameters(model: onnx.ModelProto) -> dict[str, list[str]]:
+    """Float initializers that several nodes read directly as the same kind of layer parameter.
+
+    The exporter's deduplication of equal initializers goes through Identity aliases, which
+    untie_parameters materialises silently. A tensor that several layers read directly is
+    different: the PyTorch model applied one module more than once. Untying gives each use its own
+    copy, so the compiled model trains the uses separately where PyTorch would train one tensor;
+    the pipeline says so instead of doing it silently. Keyed by tensor, valued by reader nodes.
+    """
+    floats = {init.name for init in model.graph.initializer if init.data_type == onnx.TensorProto.FLOAT}
+    readers: dict[str, list[str]] = {}
+    for node in model.graph.node:
+        for slot in PARAMETER_INPUTS.get(node.op_type, ()):
+            if slot < len(node.input) and node.input[slot] in floats:
+                readers.setdefault(node.input[slot], []).append(node.name or node.op_type)
+    return {name: nodes for name, nodes in readers.items() if len(nodes) > 1}

@@ -631,3 +631,41 @@ def test_shared_concat_input_trains_exactly(tmp_path) -> None:
     path = export_onnx(model, tmp_path / "shared.onnx", (2, 3, 6, 6))
     x = np.random.default_rng(12).standard_normal((2, 3, 6, 6)).astype(np.float32)
     check_against_torch(model, path, 5, x, np.array([4, 0], dtype=np.int64), tmp_path / "artifacts")
+
+
+class ReusedModule(torch.nn.Module):
+    """One 1x1 conv applied twice (real weight sharing), next to two zero biases that the exporter
+    deduplicates through an Identity alias (not sharing in PyTorch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.second = torch.nn.Conv2d(4, 4, 3, padding=1)
+        torch.nn.init.zeros_(self.first.bias)
+        torch.nn.init.zeros_(self.second.bias)
+        self.shared = torch.nn.Conv2d(4, 4, 1)
+        self.head = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        y = self.shared(torch.relu(self.shared(self.second(self.first(x)))))
+        return self.head(y.mean((2, 3)))
+
+
+def test_reused_module_is_named_and_aliases_are_not(tmp_path) -> None:
+    """Untying a module that the model applies twice changes what trains, so the compile says so;
+    the exporter's Identity aliases of equal initializers are untied without a word."""
+    from gfcompile.config import CompileConfig
+    from gfcompile.pipeline import compile_model
+    torch.manual_seed(0)
+    path = tmp_path / "reused.onnx"
+    # The user's call: the legacy exporter with default arguments, which deduplicates.
+    torch.onnx.export(ReusedModule().eval(), torch.randn(2, 3, 6, 6), str(path), dynamo=False)
+    aliases = [node for node in onnx.load(str(path)).graph.node if node.op_type == "Identity"]
+    assert aliases, "the exporter no longer deduplicates the zero biases; the alias half proves nothing"
+    lines: list[str] = []
+    config = CompileConfig(train_layers=4, batch_size=2, output_dir=tmp_path / "out")
+    compile_model(path, config, report=lines.append)
+    notes = [line for line in lines if line.startswith("note: parameter")]
+    assert len(notes) == 2, lines  # shared.weight and shared.bias
+    assert all("2 layers" in note and "shared." in note for note in notes)
+    assert not any("first.bias" in note or "second.bias" in note for note in notes)
