@@ -13,17 +13,13 @@ import re
 import onnx
 
 from passes.base import Plan
+from passes.names import GRADIENT_NODE_MARK, GRADIENT_SUFFIX
 
-# ORT names the gradient nodes it builds "<forward node>_Grad/<GradOp>_<k>".
-GRADIENT_NODE_MARK = "_Grad/"
-# ORT names a tensor's gradient "<tensor>_grad".
-GRADIENT_TENSOR_SUFFIX = "_grad"
 # What to do about an op that has no gradient here, beyond training fewer layers.
 OP_REMEDIES = {
     "Resize": "export upsampling as a nearest or bilinear Resize with static scales, or as a MatMul as "
     "models/deeplab.py does",
     "Upsample": "re-export at opset >= 11, where upsampling is a Resize",
-    "LayerNormalization": "export LayerNorm as the standard LayerNormalization op (opset 17)",
 }
 
 _NO_GRADIENT = re.compile(r"gradient builder has not been registered: (\S+) for node (\S+)")
@@ -58,8 +54,8 @@ def explain_ort_failure(text: str, model: onnx.ModelProto, plan: Plan) -> str:
             )
         return f"node {node_name!r} ({op}, opset {version}) has no CPU kernel in onnxruntime 1.19"
     found = _DUPLICATE.search(text)
-    if found and found.group(1).endswith(GRADIENT_TENSOR_SUFFIX):
-        tensor = found.group(1).removesuffix(GRADIENT_TENSOR_SUFFIX)
+    if found and found.group(1).endswith(GRADIENT_SUFFIX):
+        tensor = found.group(1).removesuffix(GRADIENT_SUFFIX)
         producer = next((node for node in nodes if tensor in node.output), None)
         readers = [node for node in nodes if tensor in node.input]
         where = f" (output of {producer.op_type} node {producer.name!r})" if producer is not None else ""
