@@ -86,7 +86,7 @@ def compile_artifacts(
     from gfcompile.config import CompileConfig
     from gfcompile.loading import load_and_validate, pin_shapes
     from gfcompile.output import save_model
-    from gfcompile.passrunner import run_passes
+    from gfcompile.passrunner import passes_before, run_passes
     from gfcompile.pipeline import FORWARD_PASSES, TRAINING_PASSES
     from gfcompile.planning import select_layers
     from passes import row_tiling
@@ -103,8 +103,7 @@ def compile_artifacts(
     model = pin_shapes(load_and_validate(onnx_path), config)
     plan = select_layers(model, config)
     plan.row_tile_trainable = tile_trainable  # type: ignore[attr-defined]
-    assert FORWARD_PASSES[-1] is row_tiling
-    forward = run_passes(FORWARD_PASSES[:-1], model, plan, stage="forward")
+    forward = run_passes(passes_before(FORWARD_PASSES, row_tiling), model, plan, stage="forward")
     if band_rows:
         height = model.graph.input[0].type.tensor_type.shape.dim[2].dim_value
         limit = row_tiling.max_row_tiles(gs.import_onnx(forward), plan)
