@@ -147,8 +147,13 @@ def write_artifacts(
     save_model(train.eval, train.directory / "eval_model.onnx")
     save_model(train.optimizer, train.directory / "optimizer_model.onnx")
     portable_spec = train_step.write_portable(portable, train.directory) if portable is not None else None
+    manifest = build_manifest(train, plan, config, source, costs)
+    lowered = tuple(pass_name(p) for p in LOWER_PASSES) if portable is not None else ()
     manifest = dataclasses.replace(
-        build_manifest(train, plan, config, source, costs), portable=portable_spec, feature_cache=feature_cache
+        manifest,
+        passes=dataclasses.replace(manifest.passes, lower=lowered),
+        portable=portable_spec,
+        feature_cache=feature_cache,
     )
     write_manifest(train.directory, manifest.to_json())
 
@@ -191,6 +196,7 @@ def build_manifest(
         config=config.to_json(),
         versions={"onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__},
         passes=PassesSpec(
+            legalize=tuple(pass_name(p) for p in LEGALIZE_PASSES),
             forward=tuple(pass_name(p) for p in FORWARD_PASSES),
             training=tuple(pass_name(p) for p in TRAINING_PASSES),
         ),
@@ -204,6 +210,7 @@ def build_manifest(
             row_tiles=plan.applied_row_tiles,
             row_strategy=plan.row_strategy,
             row_tile_trainable=plan.row_tile_trainable,
+            fitted_patch_sizes=dict(plan.fitted_patch_sizes),
         ),
         inputs=tuple(_tensor_spec(v) for v in train.model_inputs if v.name != train.label_name),
         labels=tuple(_tensor_spec(v) for v in train.training.graph.input if v.name == train.label_name),

@@ -129,8 +129,12 @@ class SourceSpec:
 
 @dataclass(frozen=True)
 class PassesSpec:
+    """The compiler's passes by stage, in the order they ran (see passes/base.py)."""
+
+    legalize: tuple[str, ...] = ()
     forward: tuple[str, ...] = ()
     training: tuple[str, ...] = ()
+    lower: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -146,6 +150,8 @@ class PlanSpec:
     row_tiles: int = 0
     row_strategy: Literal["overl", "2ps"] = "overl"
     row_tile_trainable: bool = False
+    # Convs whose global --patch-size was larger than their output map, with the r they got.
+    fitted_patch_sizes: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name, r in self.filtered.items():
