@@ -29,9 +29,17 @@ from tests.zoo_helpers import ZOO_CASES, export_case
 BATCH = 2
 STEPS = 5
 # Filtered: the last two trained convs gradient-filtered; exact: the same layers, plain backward.
-MODES = {"filtered": {"filter_layers": 2, "train_layers": 4}, "exact": {"train_layers": 4}}
+# Tiled: row tiling of the frozen prefix, which the prefix model keeps.
+MODES = {
+    "filtered": {"filter_layers": 2, "train_layers": 4},
+    "exact": {"train_layers": 4},
+    "tiled": {"train_layers": 4, "row_tiles": 2},
+}
 FAST = [("mobilenet_v2", "filtered")]
-FULL = [(name, mode) for name in ZOO_CASES for mode in MODES if (name, mode) not in FAST]
+FULL = [
+    *((name, mode) for name in ZOO_CASES for mode in ("filtered", "exact") if (name, mode) not in FAST),
+    ("mobilenet_v2", "tiled"),
+]
 
 
 # Plain SGD: AdamW's first steps scale each gradient element to about +-lr whatever its size, so
@@ -89,6 +97,8 @@ def test_cached_training_matches_uncached(tmp_path, name: str, mode: str) -> Non
 @pytest.mark.parametrize(("name", "mode"), FULL)
 def test_cached_training_matches_uncached_zoo(tmp_path, name: str, mode: str) -> None:
     artifacts, data = zoo_artifacts(tmp_path, name, mode)
+    if mode == "tiled":
+        assert read_manifest(artifacts).plan.row_tiles == 2
     assert_same_training(artifacts, data, tmp_path / "cache")
     assert_same_training(artifacts, data, tmp_path / "portable-cache", backend=PortableTrainer)
 
