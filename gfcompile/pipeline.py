@@ -102,11 +102,12 @@ def compile_model(model_path: Path, config: CompileConfig, report: Reporter = pr
     forward = run_passes(FORWARD_PASSES, model, plan, stage="forward")
     if plan.row_tiles >= 2 and not plan.tiled_chains:
         report(f"--row-tiles {plan.row_tiles}: no conv chain could be tiled (run with -v for why); compiled untiled")
-    # Split before the backward build, which fills in the plan; the tail compiles from its own copy.
     split = prefix_split.split_frozen_prefix(forward, plan) if config.feature_cache else None
-    tail_plan = copy.deepcopy(plan)
     with staging_directory(config.output_dir) as staging:
-        feature_cache = compile_tail(split, tail_plan, config, model_path, costs, staging, report) if split else None
+        # The tail compiles from its own copy of the plan: the backward build and training passes fill it in.
+        feature_cache = (
+            compile_tail(split, copy.deepcopy(plan), config, model_path, costs, staging, report) if split else None
+        )
         report("building the backward graph with onnxruntime-training ...")
         train = build_backward(forward, plan, config, staging)
         train.training = run_passes(TRAINING_PASSES, train.training, plan, stage="training")
