@@ -25,7 +25,7 @@ import onnxruntime
 import pytest
 from PIL import Image
 
-from gfcompile.bundle import make_bundle
+from gfcompile.bundle import make_bundle, portable_files
 from gfcompile.config import CompileConfig
 from gfcompile.pipeline import compile_model
 from runtime.__main__ import main as gftrain
@@ -112,6 +112,7 @@ def test_bundle_layout_and_manifest(bundle: Path, artifacts: Path) -> None:
     manifest = json.loads((bundle / "manifest.json").read_text())
     names = set(manifest["files"])
     data = {"training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint", "README.md"}
+    data |= set(portable_files(json.loads((artifacts / "manifest.json").read_text())))  # plain-onnxruntime step
     assert names == data
     # Data only: no code ships, and SHA256SUMS covers every file, the manifest included.
     assert sorted(p.name for p in bundle.iterdir()) == sorted([*data, "manifest.json", "SHA256SUMS"])
