@@ -11,6 +11,9 @@ ops. `step` is the number of steps already taken (int64 scalar); `gradient_sq_no
 the squared gradients, which is finite exactly when every gradient is, so the runtime can refuse a
 non-finite step from one scalar.
 
+The optimizer runs over all trainable tensors laid end to end (one flat vector), so its state is
+one flat tensor per kind (`optimizer/exp_avg`, `optimizer/exp_avg_sq`, or `optimizer/momentum`).
+
 - AdamW with PyTorch's semantics, as onnxruntime-training's AdamWOptimizer in mode 0 (the mode
   `backward._use_torch_adamw_semantics` selects; its betas and eps are read from that node):
       p <- p - lr*wd*p;  m <- b1*m + (1-b1)*g;  v <- b2*v + (1-b2)*g*g
@@ -106,7 +109,7 @@ def build_portable(
     step_model.CopyFrom(lowered)
     graph = step_model.graph
     _freeze_inputs(graph, frozen)
-    initial_state, parameters = _append_optimizer(graph, trainable, values, optimizer)
+    initial_state, parameters, states = _append_optimizer(graph, trainable, values, optimizer)
     del step_model.opset_import[:]
     step_model.opset_import.extend(o for o in lowered.opset_import if o.domain in ("", "ai.onnx"))
 
@@ -129,6 +132,7 @@ def build_portable(
         lr_input=LR_INPUT,
         gradient_norm_output=GRADIENT_NORM_OUTPUT,
         parameters=tuple(parameters),
+        state=tuple(states),
         optimizer=optimizer,
         inference_patches={},
     )
@@ -184,7 +188,7 @@ class _Builder:
 
 def _append_optimizer(
     graph: onnx.GraphProto, trainable: list[str], values: dict[str, np.ndarray], optimizer: dict
-) -> tuple[dict[str, np.ndarray], list[PortableParameterSpec]]:
+) -> tuple[dict[str, np.ndarray], list[PortableParameterSpec], list[PortableStateSpec]]:
     b = _Builder(graph)
     grads = {p: gradient_output_name(p) for p in trainable}
     returned = [o for o in graph.output if o.name not in set(grads.values())]
@@ -204,16 +208,26 @@ def _append_optimizer(
         to=TensorProto.FLOAT,
     )
 
-    squares = []
-    for p in trainable:
-        g = grads[p]
-        squares.append(b.op("ReduceSumSquare", [g], f"optimizer/{p}/grad_sq", keepdims=0))
-    norm = squares[0]
-    if len(squares) > 1:
-        norm = b.op("Sum", squares, "optimizer/grad_sq_sum")
+    # The update runs once over all trainable tensors laid end to end: a handful of large elementwise
+    # ops instead of a dozen per tensor (many tiny ops cost more in dispatch than in arithmetic).
+    sizes = [int(values[p].size) for p in trainable]
+    total = sum(sizes)
+    flat_shape = b.const("optimizer/flat_shape", np.array([-1], np.int64))
+    g = _concat(
+        b, [b.op("Reshape", [grads[p], flat_shape], f"optimizer/{p}/grad_flat") for p in trainable], "optimizer/grad"
+    )
+    p_all = _concat(b, [b.op("Reshape", [p, flat_shape], f"optimizer/{p}/flat") for p in trainable], "optimizer/params")
+    norm = b.op("ReduceSumSquare", [g], "optimizer/grad_sq_sum", keepdims=0)
     graph.node.append(helper.make_node("Identity", [norm], [b.name(GRADIENT_NORM_OUTPUT)], name=GRADIENT_NORM_OUTPUT))
     graph.output.append(helper.make_tensor_value_info(GRADIENT_NORM_OUTPUT, TensorProto.FLOAT, []))
 
+    names = ["exp_avg", "exp_avg_sq"] if optimizer["type"] == "adamw" else ["momentum"]
+    if optimizer["type"] == "sgd" and optimizer["momentum"] == 0:
+        names = []
+    states = [PortableStateSpec(name=n, input=f"optimizer/{n}", output=f"updated/optimizer/{n}") for n in names]
+    for state in states:
+        graph.input.append(helper.make_tensor_value_info(b.name(state.input), TensorProto.FLOAT, [total]))
+        graph.output.append(helper.make_tensor_value_info(state.output, TensorProto.FLOAT, [total]))
     if optimizer["type"] == "adamw":
         beta1, beta2 = np.float32(optimizer["beta1"]), np.float32(optimizer["beta2"])
         bias1 = b.op(
@@ -231,61 +245,55 @@ def _append_optimizer(
             "wd": b.const("optimizer/weight_decay", np.float32(optimizer["weight_decay"])),
         }
         lr_decay = b.op("Mul", [lr, c["wd"]], "optimizer/lr_wd")
+        m, v = states[0].input, states[1].input
+        decayed = p_all
+        if optimizer["weight_decay"]:
+            decayed = b.op("Sub", [p_all, b.op("Mul", [p_all, lr_decay], "optimizer/decay")], "optimizer/decayed")
+        m_new = b.op(
+            "Add",
+            [b.op("Mul", [c["b1"], m], "optimizer/m_old"), b.op("Mul", [c["1-b1"], g], "optimizer/m_grad")],
+            states[0].output,
+        )
+        g2 = b.op("Mul", [b.op("Mul", [c["1-b2"], g], "optimizer/v_grad1"), g], "optimizer/v_grad")
+        b.op("Add", [b.op("Mul", [c["b2"], v], "optimizer/v_old"), g2], states[1].output)
+        root = b.op("Sqrt", [b.op("Div", [states[1].output, bias2], "optimizer/v_hat")], "optimizer/v_root")
+        denom = b.op("Mul", [bias1, b.op("Add", [root, c["eps"]], "optimizer/denom_eps")], "optimizer/denom")
+        step = b.op("Div", [b.op("Mul", [lr, m_new], "optimizer/lr_m"), denom], "optimizer/update")
+        p_new = b.op("Sub", [decayed, step], "optimizer/params_updated")
     else:
         c = {
-            "momentum": b.const("optimizer/momentum", np.float32(optimizer["momentum"])),
+            "momentum": b.const("optimizer/momentum_factor", np.float32(optimizer["momentum"])),
             "wd": b.const("optimizer/weight_decay", np.float32(optimizer["weight_decay"])),
         }
+        direction = g
+        if optimizer["weight_decay"]:
+            direction = b.op("Add", [g, b.op("Mul", [c["wd"], p_all], "optimizer/decay")], "optimizer/decayed_grad")
+        if states:
+            velocity = b.op("Mul", [c["momentum"], states[0].input], "optimizer/v_old")
+            direction = b.op("Add", [velocity, direction], states[0].output)
+        step = b.op("Mul", [lr, direction], "optimizer/update")
+        p_new = b.op("Sub", [p_all, step], "optimizer/params_updated")
 
-    initial: dict[str, np.ndarray] = {}
+    pieces = [f"optimizer/{p}/updated_flat" for p in trainable]
+    if len(trainable) > 1:
+        split = b.const("optimizer/sizes", np.array(sizes, np.int64))
+        graph.node.append(
+            helper.make_node("Split", [p_new, split], [b.name(n) for n in pieces], name="optimizer/split", axis=0)
+        )
+    else:
+        pieces = [p_new]
     parameters = []
-    for p in trainable:
+    for p, piece in zip(trainable, pieces, strict=True):
         value = values[p]
-        g, s = grads[p], f"optimizer/{p}"
-        dtype = helper.np_dtype_to_tensor_dtype(value.dtype)
-        initial[p] = value
-        states = ["exp_avg", "exp_avg_sq"] if optimizer["type"] == "adamw" else ["momentum"]
-        if optimizer["type"] == "sgd" and optimizer["momentum"] == 0:
-            states = []
-        state_io = []
-        for state in states:
-            name = f"{s}/{state}"
-            graph.input.append(helper.make_tensor_value_info(b.name(name), dtype, list(value.shape)))
-            state_io.append(PortableStateSpec(name=state, input=name, output=f"updated/{name}"))
-        updated = {}
-        if optimizer["type"] == "adamw":
-            m, v = state_io[0].input, state_io[1].input
-            decayed = p
-            if optimizer["weight_decay"]:
-                decayed = b.op("Sub", [p, b.op("Mul", [p, lr_decay], f"{s}/decay")], f"{s}/decayed")
-            m_new = b.op(
-                "Add",
-                [b.op("Mul", [c["b1"], m], f"{s}/m_old"), b.op("Mul", [c["1-b1"], g], f"{s}/m_grad")],
-                state_io[0].output,
-            )
-            g2 = b.op("Mul", [b.op("Mul", [c["1-b2"], g], f"{s}/v_grad1"), g], f"{s}/v_grad")
-            v_new = b.op("Add", [b.op("Mul", [c["b2"], v], f"{s}/v_old"), g2], state_io[1].output)
-            root = b.op("Sqrt", [b.op("Div", [v_new, bias2], f"{s}/v_hat")], f"{s}/v_root")
-            denom = b.op("Mul", [bias1, b.op("Add", [root, c["eps"]], f"{s}/denom_eps")], f"{s}/denom")
-            step = b.op("Div", [b.op("Mul", [lr, m_new], f"{s}/lr_m"), denom], f"{s}/update")
-            updated[p] = b.op("Sub", [decayed, step], f"updated/{p}")
-            updated[state_io[0].input], updated[state_io[1].input] = m_new, v_new
-        else:
-            direction = g
-            if optimizer["weight_decay"]:
-                direction = b.op("Add", [g, b.op("Mul", [c["wd"], p], f"{s}/decay")], f"{s}/decayed_grad")
-            if state_io:
-                velocity = state_io[0].input
-                direction = b.op(
-                    "Add", [b.op("Mul", [c["momentum"], velocity], f"{s}/v_old"), direction], state_io[0].output
-                )
-                updated[velocity] = direction
-            step = b.op("Mul", [lr, direction], f"{s}/update")
-            updated[p] = b.op("Sub", [p, step], f"updated/{p}")
-        for out in updated.values():
-            graph.output.append(helper.make_tensor_value_info(out, dtype, list(value.shape)))
-        parameters.append(PortableParameterSpec(name=p, input=p, output=f"updated/{p}", state=tuple(state_io)))
-    return initial, parameters
+        shape = b.const(f"optimizer/{p}/shape", np.array(value.shape, np.int64))
+        b.op("Reshape", [piece, shape], f"updated/{p}")
+        graph.output.append(helper.make_tensor_value_info(f"updated/{p}", TensorProto.FLOAT, list(value.shape)))
+        parameters.append(PortableParameterSpec(name=p, input=p, output=f"updated/{p}"))
+    return {p: values[p] for p in trainable}, parameters, states
+
+
+def _concat(b: _Builder, parts: list[str], name: str) -> str:
+    return parts[0] if len(parts) == 1 else b.op("Concat", parts, name, axis=0)
 
 
 def _inference_model(train: TrainingModels, values: dict[str, np.ndarray]) -> onnx.ModelProto:

@@ -230,7 +230,7 @@ class BundleSpec:
 
 @dataclass(frozen=True)
 class PortableStateSpec:
-    """One optimizer state tensor of a parameter: its train-step input and updated output."""
+    """One optimizer state tensor (over all parameters, end to end): its train-step input and updated output."""
 
     name: str
     input: str
@@ -239,12 +239,11 @@ class PortableStateSpec:
 
 @dataclass(frozen=True)
 class PortableParameterSpec:
-    """A trainable parameter of the portable train step: its input, updated output and optimizer state."""
+    """A trainable parameter of the portable train step: its input and updated output."""
 
     name: str
     input: str
     output: str
-    state: tuple[PortableStateSpec, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -267,6 +266,7 @@ class PortableSpec:
     gradient_norm_output: str
     parameters: tuple[PortableParameterSpec, ...]
     optimizer: dict[str, Any]
+    state: tuple[PortableStateSpec, ...] = ()  # flat optimizer state over all parameters, end to end
     inference_patches: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -75,13 +75,9 @@ async function main() {
   for (const [name, t] of Object.entries(readSafetensors(join(artifacts, spec.checkpoint)).tensors)) {
     state[name] = new ort.Tensor(t.type, t.data, t.dims);
   }
-  for (const parameter of spec.parameters) {
-    // The initial checkpoint holds parameters only: optimizer state starts at zero.
-    const dims = state[parameter.input].dims;
-    for (const s of parameter.state) {
-      state[s.input] ??= new ort.Tensor("float32", new Float32Array(dims.reduce((a, b) => a * b, 1)), dims);
-    }
-  }
+  // The initial checkpoint holds parameters only: the (flat) optimizer state starts at zero.
+  const total = spec.parameters.reduce((sum, p) => sum + state[p.input].dims.reduce((a, b) => a * b, 1), 0);
+  for (const s of spec.state) state[s.input] ??= new ort.Tensor("float32", new Float32Array(total), [total]);
   const { tensors: batches } = readSafetensors(batchesPath);
   const steps = Object.keys(batches).filter((name) => name.startsWith("x")).length;
   const lr = new ort.Tensor("float32", Float32Array.of(manifest.optimizer.lr), []);
@@ -95,16 +91,12 @@ async function main() {
       [spec.step_input]: new ort.Tensor("int64", BigInt64Array.of(BigInt(step)), []),
       [spec.lr_input]: lr,
     };
-    for (const parameter of spec.parameters) {
-      feeds[parameter.input] = state[parameter.input];
-      for (const s of parameter.state) feeds[s.input] = state[s.input];
-    }
+    for (const parameter of spec.parameters) feeds[parameter.input] = state[parameter.input];
+    for (const s of spec.state) feeds[s.input] = state[s.input];
     const results = await session.run(feeds);
     losses[step] = results[spec.loss_output].data[0];
-    for (const parameter of spec.parameters) {
-      state[parameter.input] = results[parameter.output];
-      for (const s of parameter.state) state[s.input] = results[s.output];
-    }
+    for (const parameter of spec.parameters) state[parameter.input] = results[parameter.output];
+    for (const s of spec.state) state[s.input] = results[s.output];
   }
   const out = { loss: { dims: [steps], data: losses } };
   for (const parameter of spec.parameters) {
