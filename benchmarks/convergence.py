@@ -46,7 +46,6 @@ BATCH = 32
 LR = 0.003  # the demo's and the accuracy suite's
 TARGET_MARGIN = 0.01  # "exact's final accuracy minus 1 point"
 PLATEAU_EVALS = 3
-SNR_BATCHES = 4
 
 
 @dataclass(frozen=True)
@@ -57,13 +56,22 @@ class ConvergenceSettings:
     seeds: tuple[int, ...]
     steps: int
     eval_every: int
+    snr_batches: int  # batches the gradient SNR is summed over
 
 
 SETTINGS = {
     # A smoke test of every code path (about a minute on 2 cores).
-    "quick": ConvergenceSettings(sizes=(64,), layers=(2,), patch_sizes=(2,), seeds=(0, 1), steps=8, eval_every=4),
+    "quick": ConvergenceSettings(
+        sizes=(64,), layers=(2,), patch_sizes=(2,), seeds=(0,), steps=8, eval_every=4, snr_batches=1
+    ),
     "full": ConvergenceSettings(
-        sizes=(64, 224), layers=(2, 4, 8), patch_sizes=(2, 4), seeds=tuple(range(10)), steps=300, eval_every=10
+        sizes=(64, 224),
+        layers=(2, 4, 8),
+        patch_sizes=(2, 4),
+        seeds=tuple(range(10)),
+        steps=300,
+        eval_every=10,
+        snr_batches=4,
     ),
 }
 
@@ -182,7 +190,7 @@ def _run_group(
                 "filtered": str(path),
                 "source": str(SOURCES[size]),
                 "train": str(train),
-                "batches": SNR_BATCHES,
+                "batches": settings.snr_batches,
                 "threads": ctx.threads,
             },
         )
@@ -485,7 +493,7 @@ def _markdown(data: dict[str, Any]) -> str:
         "## Gradient SNR at the pretrained weights",
         "",
         "Measured: exact vs filtered weight gradients of each trained conv from the compiled artifacts, "
-        f"{SNR_BATCHES} batches. Predicted (our reading of the paper's Proposition 1): energy of g_y's r x r "
+        f"{s['snr_batches']} batches. Predicted (our reading of the paper's Proposition 1): energy of g_y's r x r "
         "patch means over the energy it discards, exact g_y from torch autograd on the same weights and batches "
         "(filtered convs only; earlier convs also receive an approximate g_y).",
         "",

@@ -107,6 +107,34 @@ def test_accuracy_quick(tmp_path: Path) -> None:
     assert group["runs"]["r2"][0]["losses"][1:] != group["runs"]["exact"][0]["losses"][1:]
 
 
+def test_convergence_quick(tmp_path: Path) -> None:
+    data = run_suite("convergence", tmp_path)
+    settings = data["settings"]
+    (group,) = data["groups"]
+    assert (group["size"], group["n"], group["skipped"]) == (64, 2, {})
+    evals = settings["steps"] // settings["eval_every"] + 1
+    for key, runs in group["runs"].items():
+        assert [run["seed"] for run in runs] == list(settings["seeds"])
+        for run, reached in zip(runs, group["variants"][key]["reached"], strict=True):
+            curve = run["curve"]
+            assert len(curve) == evals and curve[-1]["step"] == settings["steps"]
+            assert all(a["train_s"] < b["train_s"] for a, b in zip(curve, curve[1:], strict=False))
+            # Reached and held: every evaluation from the reported one on is at or above the target.
+            if reached is None:
+                assert curve[-1]["accuracy"] < group["target"]
+            else:
+                later = [p["accuracy"] for p in curve if p["step"] >= reached["step"]]
+                assert min(later) >= group["target"]
+    # Same seed, same batches and weights: only the gradients differ, so the curves must too.
+    exact, filtered = group["runs"]["exact"][0]["curve"], group["runs"]["r2"][0]["curve"]
+    assert [p["train_loss"] for p in exact[1:]] != [p["train_loss"] for p in filtered[1:]]
+    layers = group["snr"]["r2"]["layers"]
+    assert len(layers) == 2 and all(layer["r"] == 2 for layer in layers)
+    for layer in layers:
+        assert math.isfinite(layer["measured_snr_db"]) and math.isfinite(layer["predicted_snr_db"])
+        assert 0 < layer["cosine"] < 1
+
+
 def test_memory_quick_row_tiling(tmp_path: Path) -> None:
     data = run_suite("memory", tmp_path, "--models", "mobilenet_v2", "--variants", "ort_tiled,ort_tiled_filtered")
     (entry,) = data["entries"]
