@@ -45,7 +45,7 @@ FULL = [
 # Plain SGD: AdamW's first steps scale each gradient element to about +-lr whatever its size, so
 # gradients that are ~0 turn float rounding (the prefix runs in another session) into 1e-5 weight
 # differences; with SGD a weight difference is the gradient difference times lr.
-OPTIMIZER = {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9}
+OPTIMIZER = {"optimizer": "sgd", "lr": 0.005, "momentum": 0.9}
 
 
 def compile_cached(model_path: Path, out: Path, **options) -> Path:
