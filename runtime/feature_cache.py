@@ -28,6 +28,7 @@ and std. A manifest whose preprocessing asks for a random transform is refused.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -38,10 +39,11 @@ from typing import TextIO
 
 import numpy as np
 
+from . import checkpoints
 from .data import Dataset, eval_batches
 from .errors import RunError
 from .manifest import MANIFEST, FeatureCacheSpec, Manifest
-from .trainer import EvalResult, Trainer, ort_quiet, session_options, sha256_file, verified_manifest
+from .trainer import EvalResult, Trainer, _last_line, ort_quiet, session_options, sha256_file, verified_manifest
 
 CACHE_FORMAT = 1
 FEATURES_FILE = "features.bin"
@@ -63,7 +65,9 @@ def default_directory(checkpoint: Path) -> Path:
     return checkpoint.with_name(checkpoint.name + ".features")
 
 
-def open_run_trainer(artifacts: Path, checkpoint: Path | None, lr: float | None, save: Path, args) -> Trainer:
+def open_run_trainer(
+    artifacts: Path, checkpoint: Path | None, lr: float | None, save: Path, args: argparse.Namespace
+) -> Trainer:
     """The trainer of a `gftrain` / `gfcompile train` run: a CachedTrainer with --cache-features
     (options declared in runtime/options.py), else the Trainer."""
     if not args.cache_features:
@@ -113,11 +117,13 @@ class FeatureCache:
 
         if self._session is None:
             ort_quiet()
-            self._session = ort.InferenceSession(
-                str(self.artifacts / self.split.prefix_model),
-                session_options(self.spec.session_options),
-                providers=["CPUExecutionProvider"],
-            )
+            path = self.artifacts / self.split.prefix_model
+            try:
+                self._session = ort.InferenceSession(
+                    str(path), session_options(self.spec.session_options), providers=["CPUExecutionProvider"]
+                )
+            except Exception as exc:  # onnxruntime's load errors have no common type
+                raise RunError(f"{path}: onnxruntime cannot load the prefix model ({_last_line(exc)})") from None
         return self._session
 
     def run_prefix(self, x: np.ndarray) -> list[np.ndarray]:
@@ -279,7 +285,19 @@ class CachedTrainer:
         return Trainer.evaluate(self, data)
 
     def protected_files(self) -> set[Path]:
+        """The manifest and every file it lists, the tail's included."""
         return {(self.artifacts / name).resolve() for name in [MANIFEST, *self.spec.files]}
+
+    def check_save_path(self, checkpoint: Path) -> None:
+        """The tail's checks, and no file of the whole artifacts may be written over either."""
+        written = [Path(checkpoint), checkpoints.record_path(Path(checkpoint))]
+        clash = next((path for path in written if path.resolve() in self.protected_files()), None)
+        if clash is not None:
+            raise RunError(
+                f"{checkpoint}: would overwrite {clash.name} of the artifacts in {self.artifacts}; "
+                "save the trained weights to another path"
+            )
+        self.tail.check_save_path(checkpoint)
 
     def export_inference(self, path: Path) -> Path:
         """The whole inference model: the prefix, then the tail's exported model with the trained weights."""

@@ -229,6 +229,10 @@ def test_refusals_are_one_line(tiny, tmp_path) -> None:
     with pytest.raises(RunError, match="compiled without --feature-cache.*recompile with gfcompile --feature-cache"):
         CachedTrainer(plain, settings=CacheSettings(tmp_path / "cache"))
 
+    # The whole graph's files are protected too, not only the tail's.
+    with pytest.raises(RunError, match="would overwrite checkpoint of the artifacts"):
+        CachedTrainer(artifacts, settings=CacheSettings(tmp_path / "cache")).check_save_path(artifacts / "checkpoint")
+
     manifest_path = artifacts / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     augmented = tmp_path / "augmented"
