@@ -230,7 +230,7 @@ class BundleSpec:
 
 @dataclass(frozen=True)
 class PortableStateSpec:
-    """One optimizer state tensor (over all parameters, end to end): its train-step input and updated output."""
+    """One optimizer state tensor of a parameter group: its train-step input and updated output."""
 
     name: str
     input: str
@@ -244,6 +244,14 @@ class PortableParameterSpec:
     name: str
     input: str
     output: str
+
+
+@dataclass(frozen=True)
+class PortableGroupSpec:
+    """Parameters the optimizer updates together (laid end to end when several), and their state."""
+
+    parameters: tuple[str, ...]
+    state: tuple[PortableStateSpec, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -266,7 +274,7 @@ class PortableSpec:
     gradient_norm_output: str
     parameters: tuple[PortableParameterSpec, ...]
     optimizer: dict[str, Any]
-    state: tuple[PortableStateSpec, ...] = ()  # flat optimizer state over all parameters, end to end
+    groups: tuple[PortableGroupSpec, ...] = ()  # the optimizer's parameter groups and their state
     inference_patches: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

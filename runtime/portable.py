@@ -94,9 +94,10 @@ class PortableTrainer(Trainer):
         except Exception as exc:
             raise RunError(f"{self.artifacts}: onnxruntime cannot load the train step ({_last_line(exc)})") from None
         self._eval_session = None
-        self._state_names = [p.input for p in self.portable.parameters] + [s.input for s in self.portable.state]
+        optimizer_state = [s for group in self.portable.groups for s in group.state]
+        self._state_names = [p.input for p in self.portable.parameters] + [s.input for s in optimizer_state]
         self._output_of = {p.input: p.output for p in self.portable.parameters}
-        self._output_of.update({s.input: s.output for s in self.portable.state})
+        self._output_of.update({s.input: s.output for s in optimizer_state})
         expected = {i.name: i.shape for i in self.session.get_inputs()}
         parameter_inputs = {p.input for p in self.portable.parameters}
         self._current = {}

@@ -75,9 +75,15 @@ async function main() {
   for (const [name, t] of Object.entries(readSafetensors(join(artifacts, spec.checkpoint)).tensors)) {
     state[name] = new ort.Tensor(t.type, t.data, t.dims);
   }
-  // The initial checkpoint holds parameters only: the (flat) optimizer state starts at zero.
-  const total = spec.parameters.reduce((sum, p) => sum + state[p.input].dims.reduce((a, b) => a * b, 1), 0);
-  for (const s of spec.state) state[s.input] ??= new ort.Tensor("float32", new Float32Array(total), [total]);
+  // The initial checkpoint holds parameters only: optimizer state starts at zero. A group's state has
+  // its one tensor's shape, or is flat over its tensors laid end to end.
+  const optimizerState = spec.groups.flatMap((group) => group.state);
+  for (const group of spec.groups) {
+    const dims = group.parameters.length === 1 ? state[group.parameters[0]].dims
+      : [group.parameters.reduce((sum, p) => sum + state[p].dims.reduce((a, b) => a * b, 1), 0)];
+    const size = dims.reduce((a, b) => a * b, 1);
+    for (const s of group.state) state[s.input] ??= new ort.Tensor("float32", new Float32Array(size), dims);
+  }
   const { tensors: batches } = readSafetensors(batchesPath);
   const steps = Object.keys(batches).filter((name) => name.startsWith("x")).length;
   const lr = new ort.Tensor("float32", Float32Array.of(manifest.optimizer.lr), []);
@@ -92,11 +98,11 @@ async function main() {
       [spec.lr_input]: lr,
     };
     for (const parameter of spec.parameters) feeds[parameter.input] = state[parameter.input];
-    for (const s of spec.state) feeds[s.input] = state[s.input];
+    for (const s of optimizerState) feeds[s.input] = state[s.input];
     const results = await session.run(feeds);
     losses[step] = results[spec.loss_output].data[0];
     for (const parameter of spec.parameters) state[parameter.input] = results[parameter.output];
-    for (const s of spec.state) state[s.input] = results[s.output];
+    for (const s of optimizerState) state[s.input] = results[s.output];
   }
   const out = { loss: { dims: [steps], data: losses } };
   for (const parameter of spec.parameters) {
