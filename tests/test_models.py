@@ -36,6 +36,7 @@ SMALL: dict[str, tuple[dict[str, object], int]] = {
     "resnet18": ({"num_classes": 10}, 64),
     "resnet34": ({"num_classes": 10}, 64),
     "mcunet": ({"num_classes": 10}, 64),
+    "mcunet_5fps": ({"num_classes": 10}, 64),
     "deeplabv3_resnet18": ({"num_classes": 5}, 64),
     "vgg16_bn": ({"num_classes": 10, "classifier_width": 64}, 224),
 }
@@ -64,7 +65,15 @@ def _calibrate_bn(model: torch.nn.Module, shape: tuple[int, ...]) -> None:
 
 
 def test_registry_names() -> None:
-    assert set(ZOO) == {"mobilenet_v2", "resnet18", "resnet34", "mcunet", "deeplabv3_resnet18", "vgg16_bn"}
+    assert set(ZOO) == {
+        "mobilenet_v2",
+        "resnet18",
+        "resnet34",
+        "mcunet",
+        "mcunet_5fps",
+        "deeplabv3_resnet18",
+        "vgg16_bn",
+    }
     with pytest.raises(KeyError):
         build("resnet50")
 
