@@ -470,7 +470,7 @@ def branch_notes(model: onnx.ModelProto, plan: Plan) -> list[str]:
         f"last {len(plan.trainable_convs)} (graph order) leaves {_layer_name(plan.conv(choice.conv).weight)} "
         f"frozen: {choice.reason}"
         for choice in explain_selection(model, plan)
-        if choice.status == "frozen" and "joins the trained part" in choice.reason
+        if choice.status == "frozen" and "parallel to the trained part" in choice.reason
     ]
 
 

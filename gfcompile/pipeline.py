@@ -51,7 +51,7 @@ from . import __version__, prefix_split, train_step
 from .backward import TrainingModels, build_backward
 from .config import DEFAULT_BATCH_SIZE, CompileConfig
 from .errors import GfError
-from .inspection import layer_shapes_to_record
+from .inspection import branch_notes, layer_shapes_to_record
 from .loadcheck import check_loadable
 from .loading import load_and_validate, pin_shapes
 from .output import (
@@ -97,6 +97,8 @@ def compile_model(model_path: Path, config: CompileConfig, report: Reporter = pr
         plan.row_tiles = tiles_for_budget(model, plan, config.memory_budget_mb, report)
     report(describe_plan(plan))
     report_untrained(model, plan, report)
+    for note in branch_notes(model, plan):  # "last N" in graph order can cut a parallel branch off
+        report(f"note: {note}")
     costs = layer_costs(plan)
     report(format_table(costs))
     forward = run_passes(FORWARD_PASSES, model, plan, stage="forward")

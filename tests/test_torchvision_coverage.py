@@ -259,6 +259,12 @@ def parameters_in_trained_region(path: Path, first_trainable_conv: str, paramete
     return region
 
 
+def reported(parameter: str, report: list[str]) -> bool:
+    """The compile printed a line naming the parameter, or its layer as frozen."""
+    layer = parameter.rsplit(".", 1)[0]
+    return any(parameter in line or f"{layer} frozen" in line for line in report)
+
+
 def check_exact(bench: Workbench, arch: Arch) -> str:
     """Loss and every trainable gradient of the exact compile against torch autograd."""
     model, _ = bench.model(arch)
@@ -287,9 +293,7 @@ def check_nothing_silent(bench: Workbench, arch: Arch) -> str:
     for name in plan["trainable_params"]:
         assert trainer.state.parameters[name].data.shape == tuple(named[name].shape), name
     expected = parameters_in_trained_region(path, plan["trainable_convs"][0], set(named))
-    silent = sorted(
-        name for name in expected - set(plan["trainable_params"]) if not any(name in line for line in compiled.report)
-    )
+    silent = sorted(name for name in expected - set(plan["trainable_params"]) if not reported(name, compiled.report))
     assert not silent, f"{len(silent)} parameters torch trains are frozen without a printed reason: {silent[:5]}"
     explained = len(expected - set(plan["trainable_params"]))
     return f"{len(expected)} in region" + (f", {explained} frozen with a printed reason" if explained else "")
@@ -349,9 +353,7 @@ def check_legacy_default_export(bench: Workbench, arch: Arch) -> str:
     assert worst is None or errors[worst] <= EXACT_TOLERANCE, f"{worst}: relative error {errors[worst]:.2e}"
     plan = trainer.manifest["plan"]
     region = parameters_in_trained_region(bench.legacy_default_export(arch), plan["trainable_convs"][0], set(named))
-    silent = sorted(
-        name for name in region - set(plan["trainable_params"]) if not any(name in line for line in compiled.report)
-    )
+    silent = sorted(name for name in region - set(plan["trainable_params"]) if not reported(name, compiled.report))
     assert not silent, f"{len(silent)} parameters torch trains are frozen without a printed reason: {silent[:5]}"
     return f"{len(intact)} unfolded tensors" + (f", max rel. error {errors[worst]:.1e}" if worst else "")
 
