@@ -4,7 +4,8 @@
     python -m benchmarks.feature_cache [--models mobilenet_v2 resnet18 mcunet] [--size 224]
         [--batches 8 32] [--samples 64] [--cache-memory-mb 1024] [-o bench_results/feature_cache.json]
 
-Each configuration is compiled once with `--feature-cache` (the last 4 convs trained, AdamW).
+Each configuration is compiled once with `--feature-cache` (the last 4 convs trained, AdamW,
+`--filter-layers` of them gradient-filtered with r=2).
 Then each side trains one epoch (samples // batch steps, the same data order) in its own fresh
 process, so peak memory (VmHWM, the process's high-water RSS) is that side's alone:
 
@@ -32,8 +33,14 @@ from .common import SuiteContext, SuiteResult
 
 ROOT = Path(__file__).resolve().parents[1]
 PROFILES = {
-    "quick": {"models": ("mobilenet_v2",), "size": 224, "batches": (8,), "samples": 32},
-    "full": {"models": ("mobilenet_v2", "resnet18", "mcunet"), "size": 224, "batches": (8, 32), "samples": 256},
+    "quick": {"models": ("mobilenet_v2",), "size": 224, "batches": (8,), "samples": 32, "filter_layers": (0, 4)},
+    "full": {
+        "models": ("mobilenet_v2", "resnet18", "mcunet"),
+        "size": 224,
+        "batches": (8, 32),
+        "samples": 256,
+        "filter_layers": (0, 4),
+    },
 }
 
 
@@ -92,7 +99,7 @@ def _run_measure(cached: bool, artifacts: Path, samples: int, cache_dir: Path, m
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def _compile(name: str, size: int, batch: int, directory: Path) -> Path:
+def _compile(name: str, size: int, batch: int, filter_layers: int, directory: Path) -> Path:
     from gfcompile.config import CompileConfig
     from gfcompile.pipeline import compile_model
     from models import build
@@ -100,19 +107,31 @@ def _compile(name: str, size: int, batch: int, directory: Path) -> Path:
 
     model = build(name, num_classes=10).eval()
     path = export_onnx(model, directory / f"{name}.onnx", input_shape=(1, 3, size, size))
-    config = CompileConfig(train_layers=4, batch_size=batch, output_dir=directory / "artifacts", feature_cache=True)
+    config = CompileConfig(
+        filter_layers=filter_layers,
+        train_layers=4,
+        batch_size=batch,
+        output_dir=directory / "artifacts",
+        feature_cache=True,
+    )
     return compile_model(path, config, report=lambda message: None)
 
 
 def measure_all(
-    models: tuple[str, ...], size: int, batches: tuple[int, ...], samples: int, memory_mb: float, log=print
+    models: tuple[str, ...],
+    size: int,
+    batches: tuple[int, ...],
+    samples: int,
+    memory_mb: float,
+    filter_layers: int = 0,
+    log=print,
 ) -> list[dict[str, Any]]:
     rows = []
     for name in models:
         for batch in batches:
             with tempfile.TemporaryDirectory(prefix="gf-feature-cache-bench-") as folder:
                 started = time.perf_counter()
-                artifacts = _compile(name, size, batch, Path(folder))
+                artifacts = _compile(name, size, batch, filter_layers, Path(folder))
                 compile_s = time.perf_counter() - started
                 uncached = _run_measure(False, artifacts, samples, Path(folder) / "cache", memory_mb)
                 cached = _run_measure(True, artifacts, samples, Path(folder) / "cache", memory_mb)
@@ -121,6 +140,7 @@ def measure_all(
                 "size": size,
                 "batch": batch,
                 "samples": samples,
+                "filter_layers": filter_layers,
                 "cache_memory_mb": memory_mb,
                 "compile_s": compile_s,
                 "uncached": uncached,
@@ -135,7 +155,8 @@ def measure_all(
 def _line(row: dict[str, Any]) -> str:
     uncached, cached = row["uncached"], row["cached"]
     return (
-        f"{row['model']} {row['size']}² batch {row['batch']}, {row['samples']} samples: epoch uncached "
+        f"{row['model']} {row['size']}² batch {row['batch']}, {row['filter_layers']} of 4 filtered, "
+        f"{row['samples']} samples: epoch uncached "
         f"{uncached['epoch_s']:.2f} s, cached {cached['epoch_s']:.2f} s (x{row['epoch_speedup']:.1f}); cache build "
         f"{cached['cache_build_s']:.2f} s; peak {uncached['peak_rss_mib']:.0f} vs {cached['peak_rss_mib']:.0f} MiB; "
         f"load average {uncached['loadavg']:.1f}/{cached['loadavg']:.1f}"
@@ -144,14 +165,15 @@ def _line(row: dict[str, Any]) -> str:
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| model | batch | samples | epoch uncached (s) | epoch cached (s) | speedup | cache build (s) | "
+        "| model | batch | filtered | samples | epoch uncached (s) | epoch cached (s) | speedup | cache build (s) | "
         "peak uncached (MiB) | peak cached (MiB) | load avg |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         uncached, cached = row["uncached"], row["cached"]
         lines.append(
-            f"| {row['model']} {row['size']}² | {row['batch']} | {row['samples']} | {uncached['epoch_s']:.2f} | "
+            f"| {row['model']} {row['size']}² | {row['batch']} | {row['filter_layers']} of 4 | {row['samples']} | "
+            f"{uncached['epoch_s']:.2f} | "
             f"{cached['epoch_s']:.2f} | x{row['epoch_speedup']:.1f} | {cached['cache_build_s']:.2f} | "
             f"{uncached['peak_rss_mib']:.0f} | {cached['peak_rss_mib']:.0f} | "
             f"{uncached['loadavg']:.1f}/{cached['loadavg']:.1f} |"
@@ -162,7 +184,13 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 def run(ctx: SuiteContext) -> SuiteResult:
     settings = PROFILES[ctx.profile]
     models = tuple(name for name in settings["models"] if not ctx.models or name in ctx.models)
-    rows = measure_all(models, settings["size"], settings["batches"], settings["samples"], 1024.0, log=ctx.log)
+    rows = [
+        row
+        for filter_layers in settings["filter_layers"]
+        for row in measure_all(
+            models, settings["size"], settings["batches"], settings["samples"], 1024.0, filter_layers, log=ctx.log
+        )
+    ]
     return SuiteResult(data={"rows": rows}, markdown=markdown(rows))
 
 
@@ -173,9 +201,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--samples", type=int, default=256, help="samples per epoch")
     parser.add_argument("--cache-memory-mb", type=float, default=1024.0)
+    parser.add_argument("--filter-layers", type=int, default=0, help="gradient-filter this many of the 4 trained convs")
     parser.add_argument("-o", "--output", type=Path, default=Path("bench_results/feature_cache.json"))
     args = parser.parse_args(argv)
-    rows = measure_all(tuple(args.models), args.size, tuple(args.batches), args.samples, args.cache_memory_mb)
+    rows = measure_all(
+        tuple(args.models), args.size, tuple(args.batches), args.samples, args.cache_memory_mb, args.filter_layers
+    )
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(rows, indent=2) + "\n")
     print(markdown(rows))
