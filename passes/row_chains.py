@@ -17,7 +17,18 @@ import onnx_graphsurgeon as gs
 from .base import Plan, pass_logger
 from .geometry import explicit_pads
 from .names import parse_band
-from .row_geometry import RowGraph, RowNode, RowOp, Rows, Strategy, recompute_overhead, schedule
+from .row_geometry import (
+    STRATEGIES,
+    BandSchedule,
+    RowGraph,
+    RowNode,
+    RowOp,
+    Rows,
+    Strategy,
+    padding_only_reads,
+    recompute_overhead,
+    schedule,
+)
 
 # OverL recomputes halo rows; a chain is not extended past a downsampling point when that
 # would make the recomputed work (MAC-weighted) exceed this fraction of the chain's work.
@@ -368,6 +379,31 @@ def _is_exit(region: _Region, last: int, chain: Chain) -> bool:
     return size < before and bool(interior) and size <= MAX_EXIT_RATIO * max(interior)
 
 
+def padding_only_refusal(chain: Chain, plan: BandSchedule) -> str | None:
+    """Why `chain` cannot be emitted with `plan`: a band whose rows of some conv read only padding.
+
+    Such rows (a conv padding beyond its kernel's reach, e.g. 1x1 with pad 1) are constant, but a
+    band made only of them has no input rows to run the op on; None when every band reads rows.
+    """
+    problems = padding_only_reads(plan)
+    if not problems:
+        return None
+    band, index = problems[0]
+    node = chain.ops[index].node
+    return (
+        f"chain {chain.name!r}: band {band} of {plan.bands} would read no input rows (a conv pads beyond "
+        f"what its kernel reads: {node.op} {node.name or node.outputs[0].name!r}); use fewer --row-tiles"
+    )
+
+
+def _emittable(chain: Chain, bands: int, strategy: str) -> bool:
+    """Whether `chain` can be tiled into `bands` bands (see `padding_only_refusal`); logs why not."""
+    refusal = padding_only_refusal(chain, schedule(chain.geometry, bands, strategy))  # type: ignore[arg-type]
+    if refusal:
+        _LOG.info("not tiled in %d %s bands: %s", bands, strategy, refusal)
+    return refusal is None
+
+
 def tiles_trainable(plan: Plan) -> bool:
     """Whether trainable layers are tiled too: `plan.row_tile_trainable` (default False).
 
@@ -441,13 +477,17 @@ def select_chains(graph: gs.Graph, plan: Plan, bands: int | None = None, strateg
         elif chain_peak_bytes(chain, 1, chain.strategy) <= target:
             continue
         else:
-            chain.bands = next(k for k in range(2, bands + 1) if chain_peak_bytes(chain, k, chain.strategy) <= target)
+            fits = (k for k in range(2, bands + 1) if chain_peak_bytes(chain, k, chain.strategy) <= target)
+            chain.bands = next((k for k in fits if _emittable(chain, k, chain.strategy)), 0)
+            if not chain.bands:
+                continue
         selected.append(chain)
     return selected
 
 
 def candidate_chains(graph: gs.Graph, plan: Plan, bands: int) -> list[Chain]:
-    """Every shortest tileable chain (between consecutive exit cuts) with at least `bands` output rows.
+    """Every shortest tileable chain (between consecutive exit cuts) with at least `bands` output rows,
+    whose bands all have input rows under both strategies (see `padding_only_refusal`).
 
     Each gets `Chain.bands = bands`. `select_chains` picks among longer and shorter ones;
     this list is for tests and tools that want every tileable op rewritten.
@@ -458,6 +498,9 @@ def candidate_chains(graph: gs.Graph, plan: Plan, bands: int) -> list[Chain]:
         for a, b in zip(stops, stops[1:], strict=False):
             chain = _chain(region, a, b)
             if chain.geometry.out_height >= bands and _is_exit(region, b, chain):
+                schedules = [schedule(chain.geometry, bands, strategy) for strategy in STRATEGIES]  # type: ignore[arg-type]
+                if any(padding_only_refusal(chain, bands_of) for bands_of in schedules):
+                    continue
                 chain.bands = bands
                 chains.append(chain)
     return chains
@@ -487,6 +530,8 @@ def _split_region(region: _Region, bands: int, strategy: str) -> list[Chain]:
             peak = max(peak_prev, untiled)
             options.append((max(q_prev, -(-untiled // unit)), extra_prev, count_prev, peak, chosen))
             if chain.geometry.out_height < bands or not _is_exit(region, b, chain):
+                continue
+            if not _emittable(chain, bands, strategy):
                 continue
             chain.strategy = strategy  # type: ignore[assignment]
             extra = 0.0

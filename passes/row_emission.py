@@ -16,7 +16,7 @@ import onnx_graphsurgeon as gs
 
 from .emitter import Emitter
 from .names import BAND, ENTRY, NameAllocator, preferred_chain_scope
-from .row_chains import Chain, OpInfo
+from .row_chains import Chain, OpInfo, padding_only_refusal
 from .row_geometry import BandSchedule, Rows, Strategy, clip_rows, schedule
 
 
@@ -100,16 +100,10 @@ def tile_chain(
     entry_shape = chain.shapes[chain.entry.name]
     entry_band = _Band(chain.entry, 0, chain.geometry.heights[0])
     pieces: list[gs.Tensor] = []
+    refusal = padding_only_refusal(chain, plan)
+    if refusal:
+        raise ValueError(refusal)
     if strategy == "overl":
-        read = [0, *(node.output for node in chain.geometry.nodes)]
-        empty = [j for j in range(bands) if any(plan.held[j].get(t) is None for t in read)]
-        if empty:
-            # A conv padding beyond its kernel's reach (e.g. 1x1 with pad 1) makes whole output rows
-            # pure padding, so a band made only of them reads no input rows at all.
-            raise ValueError(
-                f"chain {chain.name!r}: band {empty[0]} of {bands} would read no input rows (a conv pads "
-                "beyond what its kernel reads); use fewer --row-tiles"
-            )
         for j in range(bands):
             tag = f"{BAND}{j}"
             x_rows = plan.held[j][0]

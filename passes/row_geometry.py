@@ -215,6 +215,27 @@ def schedule(geometry: RowGraph, bands: int, strategy: Strategy = "overl") -> Ba
     return BandSchedule("2ps", geometry, tuple(held_2ps), tuple(new))
 
 
+def padding_only_reads(plan: BandSchedule) -> list[tuple[int, int]]:
+    """(band, node index) wherever a band computes rows of a node whose input span is all padding.
+
+    A conv padding beyond its kernel's reach (pad > dilation * (kernel - 1), e.g. a 1x1 conv
+    with pad 1) has whole output rows that read no input row; a band whose rows of that node
+    span only such padding has no input rows to slice, so it cannot be emitted as a band op.
+    """
+    found = []
+    for j in range(plan.bands):
+        for index, node in enumerate(plan.geometry.nodes):
+            rows = plan.new[j][node.output]
+            if rows is None:
+                continue
+            for t in node.inputs:
+                read = clip_rows(node.op.input_rows(*rows), plan.geometry.heights[t])
+                if read[1] <= read[0]:
+                    found.append((j, index))
+                    break
+    return found
+
+
 def _hull(rows: Iterable[Rows]) -> Rows | None:
     rows = [r for r in rows if r[1] > r[0]]
     if not rows:

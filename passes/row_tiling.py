@@ -50,6 +50,11 @@ rows first: a two-pass schedule, not a band schedule), and the atrous branches (
 12/24/36 on the 64-row map of a 512x512 input) read up to 73 rows per output row: a band of
 64/K rows would need nearly the whole map as halo, so OverL would recompute each band
 about K times and 2PS would carry more rows than a band computes, with no memory saved.
+A conv padding beyond its kernel's reach (pad > dilation * (kernel - 1), e.g. a 1x1 conv with
+pad 1) has output rows that read only padding; a chain whose K bands include a band made only
+of such rows of some op is not tiled in K bands (logged; `padding_only_refusal`), since that
+band has no input rows to run the op on. Such rows are constant (the conv's bias), but
+emitting them as constants would need their own band op and gradient path for little gain.
 AveragePool with ceil_mode ends a chain too (its divisor at the bottom border depends on
 ceil mode, not only on the pads); MaxPool with ceil_mode is tiled (it ignores padding, so
 the pass pads the last window instead).
@@ -132,7 +137,7 @@ def run(graph: gs.Graph, plan: Plan) -> gs.Graph:
     if not chains:
         # The pipeline tells the user too; `plan.tiled_chains` stays 0, so the artifacts get
         # ORT's default session options and the manifest records no row tiles.
-        _LOG.info("no conv chain ends at a pool or stride outside the trained layers; nothing tiled")
+        _LOG.info("no conv chain that ends at a pool or stride outside the trained layers can be tiled; nothing tiled")
         return graph
     names = NameAllocator(graph)
     for chain in chains:

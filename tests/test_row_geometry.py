@@ -7,7 +7,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from passes.row_geometry import RowGraph, RowNode, RowOp, band_plan, output_splits, recompute_overhead, schedule
+from passes.row_geometry import (
+    RowGraph,
+    RowNode,
+    RowOp,
+    band_plan,
+    output_splits,
+    padding_only_reads,
+    recompute_overhead,
+    schedule,
+)
 
 CONV3 = RowOp(kernel=3, stride=1, pad_top=1, pad_bottom=1)
 POOL2 = RowOp(kernel=2, stride=2)
@@ -156,6 +165,64 @@ def test_banded_execution_equals_full_execution_1d(ops: list[RowOp], height: int
     for strategy in ("overl", "2ps"):
         got = _run_banded_1d(geometry, x, weights, bands, strategy)
         np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_a_band_of_one_padding_row_reads_nothing() -> None:
+    # The property test's counterexample: 24 rows, a dilated 3x3 conv (20 rows), then a 1x1 stride-2
+    # conv with pad 1 (11 rows, row 0 reads row -1). 2PS gives band 0 of 6 that one exit row.
+    geometry = RowGraph.linear([RowOp(3, 1, 2), RowOp(1, 2, 1, 1, 1), RowOp()], 24)
+    plan = schedule(geometry, 6, "2ps")
+    assert plan.new[0][2] == (0, 1)
+    assert padding_only_reads(plan) == [(0, 1)]
+    assert padding_only_reads(schedule(geometry, 2, "2ps")) == []
+    assert padding_only_reads(schedule(geometry, 11, "overl")) == [(0, 1)]  # one exit row per band
+    assert padding_only_reads(schedule(geometry, 5, "overl")) == []
+
+
+# Pads up to two rows beyond the kernel's reach: whole output rows that read only padding.
+_padded_row_ops = st.builds(
+    lambda k, s, d, top, bottom: RowOp(k, s, d, top, bottom),
+    st.integers(1, 3),
+    st.integers(1, 2),
+    st.integers(1, 2),
+    st.integers(0, 3),
+    st.integers(0, 3),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(ops=st.lists(_padded_row_ops, min_size=1, max_size=4), height=st.integers(4, 40), data=st.data())
+def test_padding_only_reads_are_exactly_the_bands_that_read_no_rows(ops: list[RowOp], height: int, data) -> None:
+    try:
+        geometry = RowGraph.linear(ops, height)
+    except ValueError:
+        return  # the chain reads more rows than the input has
+    rng = np.random.default_rng(0)
+    weights = [rng.standard_normal(op.kernel) for op in ops]
+    x = rng.standard_normal(height)
+    expected = x
+    for op, taps in zip(ops, weights, strict=True):
+        expected = _conv1d(expected, op, taps, op.pad_top, op.pad_bottom)
+    bands = data.draw(st.integers(1, min(geometry.out_height, 9)))
+    for strategy in ("overl", "2ps"):
+        plan = schedule(geometry, bands, strategy)
+        # Brute force: a band's rows of a node have no input rows to slice when every padded row from
+        # their first row's first tap to their last row's last tap is padding.
+        empty = []
+        for j in range(bands):
+            for index, node in enumerate(geometry.nodes):
+                rows, op = plan.new[j][node.output], node.op
+                if rows is None:
+                    continue
+                taps = [
+                    r * op.stride - op.pad_top + tap * op.dilation for r in range(*rows) for tap in range(op.kernel)
+                ]
+                if not any(0 <= i < geometry.heights[node.inputs[0]] for i in range(min(taps), max(taps) + 1)):
+                    empty.append((j, index))
+        assert padding_only_reads(plan) == empty
+        if not empty:  # every band reads rows: the banded execution is exact
+            got = _run_banded_1d(geometry, x, weights, bands, strategy)
+            np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-10)
 
 
 def test_residual_geometry_two_strategies() -> None:

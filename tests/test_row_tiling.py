@@ -24,6 +24,7 @@ from gfcompile.pipeline import FORWARD_PASSES
 from gfcompile.planning import select_layers
 from passes import row_recompute, row_tiling
 from runtime.ort_training import training_api
+from tests.tiny_models import ConvSpec, tiny_cnn
 from tests.zoo_helpers import randomize_batchnorm, relative_error, torch
 
 nn = torch.nn
@@ -282,6 +283,37 @@ def test_training_artifacts_match_untiled(
         n.op_type for n in train.training.graph.node if n.op_type.endswith("Grad") and set(n.input) & band_tensors
     ]
     assert not readers
+
+
+# A 1x1 stride-2 conv with pad 1 reads only padding for its first output row (row 0 reads input row
+# -1). The chain ends at it with 17 exit rows: 9 bands make band 0 that row alone, which no band op
+# can compute from input rows, so the chain is left untiled (the pass crashed with a KeyError in
+# 2PS); 8 bands give band 0 two rows, one of them real, and tile it.
+_PAD_BEYOND_REACH = [
+    ConvSpec(8, kernel=5, stride=1, pad=2, relu=True),
+    ConvSpec(2, kernel=1, stride=2, pad=1, relu=False),
+    ConvSpec(2, kernel=1, relu=False),
+]
+
+
+@pytest.mark.parametrize(("tiles", "strategy"), [(9, "2ps"), (9, "overl"), (8, "2ps")])
+def test_conv_padding_beyond_its_kernel_tiles_exactly_or_not_at_all(tmp_path: Path, tiles: int, strategy: str) -> None:
+    path = tmp_path / "pad_beyond_reach.onnx"
+    onnx.save(tiny_cnn(_PAD_BEYOND_REACH, input_shape=(3, 32, 9), batch=2), str(path))
+    base, plan, config = _forward(path, 0)
+    tiled, tiled_plan, tiled_config = _forward(path, tiles, strategy)
+    band_zero_reads_rows = tiles <= 8  # 17 exit rows split evenly: band 0 is row 0 alone from 9 bands on
+    assert bool(_band_nodes(tiled)) == band_zero_reads_rows
+    assert bool(tiled_plan.tiled_chains) == band_zero_reads_rows
+    x = _input(base)
+    y = np.array([1, 3], dtype=np.int64)
+    loss, eval_loss, grads, _ = _loss_and_gradients(base, plan, config, tmp_path / "base", x, y)
+    t_loss, t_eval_loss, t_grads, _ = _loss_and_gradients(tiled, tiled_plan, tiled_config, tmp_path / "tiled", x, y)
+    assert abs(t_loss - loss) <= 1e-5 * max(1.0, abs(loss))
+    assert abs(t_eval_loss - eval_loss) <= 1e-5 * max(1.0, abs(eval_loss))
+    assert grads and set(t_grads) == set(grads)
+    for key, expected in grads.items():
+        assert relative_error(t_grads[key], expected) <= 1e-5, key
 
 
 # --------------------------------------------------------------------------------------------
