@@ -316,6 +316,18 @@ def test_conv_padding_beyond_its_kernel_tiles_exactly_or_not_at_all(tmp_path: Pa
         assert relative_error(t_grads[key], expected) <= 1e-5, key
 
 
+@pytest.mark.parametrize("strategy", ["overl", "2ps"])
+def test_tile_chain_refuses_a_band_of_padding_rows(tmp_path: Path, strategy: str) -> None:
+    path = tmp_path / "pad_beyond_reach.onnx"
+    onnx.save(tiny_cnn(_PAD_BEYOND_REACH, input_shape=(3, 32, 9), batch=2), str(path))
+    base, plan, _ = _forward(path, 0)
+    graph = gs.import_onnx(base)
+    assert not row_tiling.candidate_chains(graph, plan, 9)  # no candidate has a band of padding rows
+    (chain,) = row_tiling.candidate_chains(graph, plan, 8)
+    with pytest.raises(ValueError, match=r"band 0 of 9 would read no input rows .*Conv 'conv2'"):
+        row_tiling.tile_chain(graph, chain, 9, strategy)
+
+
 # --------------------------------------------------------------------------------------------
 # Execution order: depth-first by band, in the emitted graph and in ORT's profile
 # --------------------------------------------------------------------------------------------
