@@ -255,7 +255,7 @@ def test_default_exporter_output_compiles_and_matches_torch(tmp_path: Path) -> N
     logits = model(torch.from_numpy(x))
     expected = torch.nn.functional.cross_entropy(logits, torch.from_numpy(y))
     expected.backward()
-    assert abs(loss - float(expected)) <= 1e-5
+    assert abs(loss - expected.item()) <= 1e-5
     # conv3 and fc are not folded, so their gradients are torch's own.
     named = dict(model.named_parameters())
     for name in ("conv3.weight", "conv3.bias", "fc.weight", "fc.bias"):
