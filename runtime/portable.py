@@ -48,8 +48,16 @@ STEP_PROPERTY = "step"
 
 
 def training_build_installed() -> bool:
-    """Whether onnxruntime-training (which the default backend needs) is importable here."""
+    """Whether onnxruntime-training (which the default backend needs) is importable here.
+
+    With no onnxruntime at all, neither backend can run: say so in one line, not an ImportError.
+    """
     try:
+        if importlib.util.find_spec("onnxruntime") is None:
+            raise RunError(
+                "no onnxruntime is installed: `pip install onnxruntime` (the portable train step, any "
+                "platform) or `pip install onnxruntime-training-cpu==1.19.2` (x86_64, Python <= 3.12)"
+            )
         return importlib.util.find_spec("onnxruntime.training") is not None
     except (ImportError, ValueError):
         return False

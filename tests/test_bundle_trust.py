@@ -184,7 +184,8 @@ def test_signature_edge_cases_are_refused(world: dict, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_the_runtime_installs_and_verifies_on_its_own(world: dict, tmp_path: Path) -> None:
-    """`pip install ./runtime[signing]` into a fresh venv: gftrain trains a signed bundle there, without gfcompile."""
+    """`pip install ./runtime[signing,training]` into a fresh venv: gftrain trains a signed bundle there,
+    without gfcompile."""
     source = tmp_path / "runtime_source"  # built from a copy, so no build/ folder lands in the checkout
     shutil.copytree(ROOT / "runtime", source, ignore=shutil.ignore_patterns("__pycache__", "build", "*.egg-info"))
     env_dir = tmp_path / "device_env"
@@ -192,7 +193,7 @@ def test_the_runtime_installs_and_verifies_on_its_own(world: dict, tmp_path: Pat
     clean_env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON") and k != "VIRTUAL_ENV"}
     python = env_dir / "bin" / "python"
     install = subprocess.run(
-        [python, "-I", "-m", "pip", "install", "--quiet", f"{source}[signing]"],
+        [python, "-I", "-m", "pip", "install", "--quiet", f"{source}[signing,training]"],
         capture_output=True, text=True, env=clean_env, timeout=900,
     )  # fmt: skip
     assert install.returncode == 0, install.stderr[-3000:]

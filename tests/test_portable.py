@@ -499,8 +499,16 @@ def test_portable_artifacts_train_on_newest_onnxruntime_python313(tmp_path) -> N
     env_dir = tmp_path / "py313"
     subprocess.run([str(_python313()), "-m", "venv", str(env_dir)], check=True, env=_clean_env())
     python = env_dir / "bin" / "python"
+    # The README's Deploy step: plain onnxruntime, numpy and the runtime package (from a copy of its
+    # source, so no build/ folder lands in the checkout), nothing else.
+    import shutil
+
+    runtime_source = tmp_path / "runtime_source"
+    shutil.copytree(
+        root / "runtime", runtime_source, ignore=shutil.ignore_patterns("__pycache__", "build", "*.egg-info")
+    )
     install = subprocess.run(
-        [str(python), "-I", "-m", "pip", "install", "--quiet", "onnxruntime", "numpy"],
+        [str(python), "-I", "-m", "pip", "install", "--quiet", "onnxruntime", "numpy", str(runtime_source)],
         capture_output=True,
         text=True,
         env=_clean_env(),
@@ -509,10 +517,10 @@ def test_portable_artifacts_train_on_newest_onnxruntime_python313(tmp_path) -> N
     script = f"""
 import importlib.util, json, sys
 import numpy as np
-sys.path.insert(0, {str(root)!r})
-import onnxruntime
+import onnxruntime, runtime
 from runtime.trainer import Trainer
 report = {{"python": sys.version_info[:2], "onnxruntime": onnxruntime.__version__, "module": onnxruntime.__file__,
+          "runtime": runtime.__file__,
           "blocked": [m for m in ("onnxruntime.training", "torch", "onnx") if importlib.util.find_spec(m) is not None]}}
 for mode, artifacts in {[(mode, str(a)) for mode, a, _ in runs]!r}:
     trainer = Trainer(artifacts)
@@ -544,13 +552,15 @@ print(json.dumps(report))
             "--export",
             str(tmp_path / "m.onnx"),
         ]
-        runner = f"import sys; sys.path.insert(0, {str(root)!r}); from runtime.__main__ import main; sys.exit(main({argv!r}))"
-        device = subprocess.run([str(python), "-I", "-c", runner], capture_output=True, text=True, env=_clean_env())
+        device = subprocess.run(
+            [str(env_dir / "bin" / "gftrain"), *argv], capture_output=True, text=True, env=_clean_env()
+        )
         assert device.returncode == 0, device.stderr[-3000:]
         assert f"step {steps};" in device.stdout
     assert "resuming from" in device.stderr and (tmp_path / "m.onnx").is_file()
     assert report["python"] == [3, 13] and not report["blocked"], report
     assert Path(report["module"]).resolve().is_relative_to(env_dir.resolve()), report
+    assert Path(report["runtime"]).resolve().is_relative_to(env_dir.resolve()), report
     for mode, artifacts, batches in runs:
         assert report[mode] == "PortableTrainer"
         losses, params = training_build_run(artifacts, batches)
