@@ -80,6 +80,8 @@ class FederateConfig:
     fraction_train: float = 1.0
     lr: float | None = None
     timeout_s: float = 600.0
+    # Clients cache their frozen-prefix features here (artifacts compiled with --feature-cache).
+    cache_dir: Path | None = None
 
     def __post_init__(self) -> None:
         for name in ("artifacts", "train_data", "test_data", "out"):
@@ -102,6 +104,7 @@ class FederateConfig:
             alpha=self.alpha,
             partition_seed=self.seed,
             lr=self.lr,
+            cache_dir=str(self.cache_dir.resolve()) if self.cache_dir else "",
         )
 
     def run_config(self) -> dict[str, str | int | float]:
@@ -122,6 +125,8 @@ class FederateConfig:
             "lr": self.lr or 0.0,
             "timeout-s": self.timeout_s,
         }
+        if self.cache_dir:
+            values["cache-dir"] = str(self.cache_dir.resolve())
         return values
 
     @classmethod
@@ -145,6 +150,7 @@ class FederateConfig:
             fraction_train=float(run_config.get("fraction-train", 1.0)),
             lr=lr if lr > 0 else None,
             timeout_s=float(run_config.get("timeout-s", 600.0)),
+            cache_dir=Path(str(run_config["cache-dir"])) if run_config.get("cache-dir") else None,
         )
 
 

@@ -42,6 +42,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--proximal-mu", type=float, default=0.0, help="FedProx's mu")
     parser.add_argument("--fraction-train", type=float, default=1.0, help="share of clients sampled per round")
     parser.add_argument("--lr", type=float, default=None, help="override the compiled learning rate")
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="clients cache their frozen-prefix features here and train the tail only (artifacts compiled "
+        "with --feature-cache)",
+    )
     parser.add_argument("--cpus", type=int, default=None, help="CPUs for the simulation (default: all)")
     parser.add_argument("--client-cpus", type=float, default=1.0, help="CPUs per virtual client")
 
@@ -66,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
         proximal_mu=args.proximal_mu,
         fraction_train=args.fraction_train,
         lr=args.lr,
+        cache_dir=args.cache_dir,
     )
     log = simulate(config, cpus=args.cpus, client_cpus=args.client_cpus)
     for entry in log["rounds"]:

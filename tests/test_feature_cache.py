@@ -285,3 +285,24 @@ def test_gftrain_cache_features_end_to_end(tiny, tmp_path) -> None:
         np.testing.assert_allclose(weights(tail.tail)[name], value, rtol=0, atol=1e-6)
     refused = gftrain("--steps", "2", "--checkpoint", str(tmp_path / "c"), "--cache-memory-mb", "-1")
     assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1].startswith("gfcompile: error:")
+
+
+def test_federated_client_trains_the_same_through_the_cache(tiny, tmp_path) -> None:
+    """A Flower client's local epochs on cached prefix features return the parameters that training
+    the whole graph returns; the second round reuses the features built in the first."""
+    from runtime.federated import FederatedClient
+
+    _, artifacts = tiny
+    data = dataset((3, 16, 16), 5, samples=6)
+    plain = FederatedClient(artifacts, data)
+    cached = FederatedClient(artifacts, data, cache=CacheSettings(tmp_path / "cache"))
+    start = weights(Trainer(artifacts))
+    for round_seed in (0, 1):
+        expected = plain.fit(start, steps=3, seed=round_seed)
+        actual = cached.fit(start, steps=3, seed=round_seed)
+        assert set(actual.arrays) == set(expected.arrays)
+        for name, value in expected.arrays.items():
+            np.testing.assert_allclose(actual.arrays[name], value, rtol=0, atol=1e-6, err_msg=name)
+        assert not all(np.array_equal(expected.arrays[n], start[n]) for n in start), "nothing trained"
+        start = expected.arrays
+    assert cached._features is not None
