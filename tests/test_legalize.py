@@ -656,6 +656,7 @@ def test_reused_module_is_named_and_aliases_are_not(tmp_path) -> None:
     the exporter's Identity aliases of equal initializers are untied without a word."""
     from gfcompile.config import CompileConfig
     from gfcompile.pipeline import compile_model
+
     torch.manual_seed(0)
     path = tmp_path / "reused.onnx"
     # The user's call: the legacy exporter with default arguments, which deduplicates.
