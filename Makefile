@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint bench mutation clean
+.PHONY: setup demo test test-matrices lint bench mutation clean
 
 $(BIN)/gfcompile: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ test: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q
+
+# The full matrices the default run samples (hours on 2 cores): zoo x N x r, zoo x portable mode,
+# every torchvision architecture x mode.
+test-matrices: setup
+	$(BIN)/python -m pytest -q -m "zoo_matrix or portable_matrix or torchvision_matrix"
 
 # Plant known bugs (scripts/mutation.py) in a copy of the repository; fails if the tests miss one.
 mutation: setup

@@ -98,6 +98,7 @@ def test_cached_training_matches_uncached(tmp_path, name: str, mode: str) -> Non
 
 
 @pytest.mark.slow
+@pytest.mark.zoo_matrix
 @pytest.mark.parametrize(("name", "mode"), FULL)
 def test_cached_training_matches_uncached_zoo(tmp_path, name: str, mode: str) -> None:
     artifacts, data = zoo_artifacts(tmp_path, name, mode)

@@ -149,6 +149,7 @@ def test_filtered_step_matches_torch_reference(tmp_path: Path, name: str, n: int
 
 
 @pytest.mark.slow
+@pytest.mark.zoo_matrix
 @pytest.mark.parametrize(("name", "n", "r"), FULL_MATRIX)
 def test_filtered_step_matches_torch_reference_full_matrix(tmp_path: Path, name: str, n: int, r: int) -> None:
     check_filtered_step_against_torch(tmp_path, name, n, r)
