@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import heapq
 import logging
 import sys
 from collections.abc import Iterator, Sequence
@@ -62,13 +63,15 @@ def run_passes(
         _check_facts(module, model)
         _LOG.debug("running %s (%s stage, %d nodes)", name, stage, len(model.graph.node))
         with _recursion_for(model):
-            graph = _run_one(module, gs.import_onnx(model), plan)
+            graph = gs.import_onnx(model)
+            positions = {id(node): index for index, node in enumerate(graph.nodes)}
+            graph = _run_one(module, graph, plan)
             # Before cleanup: onnx-graphsurgeon's cleanup silently drops one of two tensors that share a name.
             problem = shared_name_problem(graph)
             if problem:
                 raise GfError(f"internal error in pass {name}: {problem}")
             try:
-                graph.cleanup().toposort()
+                _stable_toposort(graph.cleanup(), positions)
                 model = _export_like(graph, model)
             except Exception as exc:  # the pass left a graph onnx-graphsurgeon cannot sort or export
                 raise GfError(f"internal error in pass {name}: {_one_line(exc)}") from exc
@@ -77,6 +80,47 @@ def run_passes(
             raise GfError(f"internal error in pass {name}: {problem}")
         history.append(name)
     return model
+
+
+def _stable_toposort(graph: gs.Graph, positions: dict[int, int]) -> None:
+    """Sort `graph` topologically while keeping the nodes a pass did not add in their order.
+
+    The order of a model's nodes means something to the compiler (the planner's "last N convs" is
+    graph order) and to users who diff compiled graphs, so a pass that inserts nodes must not
+    reshuffle the rest, as onnx-graphsurgeon's own toposort may. Each node the pass added goes just
+    before its earliest reader; among nodes that are ready, the one with the smallest key runs first,
+    which reproduces the original order exactly wherever that order was already valid.
+    """
+    graph.toposort()  # a valid order (and onnx-graphsurgeon's check for cycles) to derive keys from
+    order = list(graph.nodes)
+    keys: dict[int, tuple[float, int]] = {}
+    for index in range(len(order) - 1, -1, -1):
+        node = order[index]
+        if id(node) in positions:
+            keys[id(node)] = (float(positions[id(node)]), index)
+            continue
+        readers = [keys[id(reader)][0] for out in node.outputs for reader in out.outputs if id(reader) in keys]
+        keys[id(node)] = (min(readers, default=float(len(positions) + index)), index)
+    produced_by = {id(tensor): node for node in order for tensor in node.outputs}
+    waiting = {
+        id(node): len({id(t) for t in node.inputs if id(t) in produced_by and produced_by[id(t)] is not node})
+        for node in order
+    }
+    ready = [(keys[id(node)], id(node), node) for node in order if waiting[id(node)] == 0]
+    heapq.heapify(ready)
+    sorted_nodes: list[gs.Node] = []
+    while ready:
+        _, _, node = heapq.heappop(ready)
+        sorted_nodes.append(node)
+        for reader in {id(r): r for out in node.outputs for r in out.outputs}.values():
+            if id(reader) not in waiting:
+                continue  # a reader inside a subgraph: its own graph sorts it
+            pending = {id(t) for t in reader.inputs if id(t) in produced_by and produced_by[id(t)] is node}
+            waiting[id(reader)] -= len(pending)
+            if pending and waiting[id(reader)] == 0:
+                heapq.heappush(ready, (keys[id(reader)], id(reader), reader))
+    if len(sorted_nodes) == len(order):
+        graph.nodes = sorted_nodes
 
 
 def check_declarations(module: ModuleType, stage: str) -> None:

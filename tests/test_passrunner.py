@@ -339,3 +339,26 @@ def test_verbose_compile_shows_why_row_tiling_skipped(tmp_path: Path, capsys) ->
     assert "gfcompile.passes.row_tiling: region: 2 row-local ops from x, ended by conv2 (trained;" in err
     assert "--row-tiles 4: no conv chain could be tiled" in err
     assert "running gradient_filter (training stage" in err
+
+
+def test_runner_keeps_the_node_order_a_pass_did_not_need_to_change() -> None:
+    """Graph order is meaningful (the planner's "last N convs"): a pass that inserts a node before an
+    early reader moves only that node, not the independent branches around it."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])
+    outputs = [helper.make_tensor_value_info(f"b{i}", TensorProto.FLOAT, [1, 2]) for i in range(4)]
+    # Four independent branches in an order no sort by name or by depth would produce.
+    nodes = [helper.make_node("Relu", ["x"], [f"b{i}"], name=f"branch{i}") for i in (2, 0, 3, 1)]
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [outputs[i] for i in (2, 0, 3, 1)]))
+
+    def negate_before_branch3(graph: gs.Graph, plan) -> gs.Graph:
+        source = graph.tensors()["x"]
+        negated = gs.Variable("negated", dtype=np.float32, shape=[1, 2])
+        graph.nodes.append(gs.Node("Neg", "neg", inputs=[source], outputs=[negated]))
+        branch3 = next(node for node in graph.nodes if node.name == "branch3")
+        branch3.inputs[0] = negated
+        return graph
+
+    result = run_passes((_pass("neg", negate_before_branch3),), model, Plan(convs=[]), "forward")
+    assert [node.name for node in result.graph.node] == ["branch2", "branch0", "neg", "branch3", "branch1"]
+    unchanged = run_passes((_pass("noop", _identity),), model, Plan(convs=[]), "forward")
+    assert [node.name for node in unchanged.graph.node] == ["branch2", "branch0", "branch3", "branch1"]
