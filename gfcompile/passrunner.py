@@ -71,7 +71,12 @@ def run_passes(
             if problem:
                 raise GfError(f"internal error in pass {name}: {problem}")
             try:
-                _stable_toposort(graph.cleanup(), positions)
+                if stage == "legalize":
+                    _stable_toposort(graph.cleanup(), positions)
+                else:
+                    # Later stages keep onnx-graphsurgeon's sort for now: row_recompute's per-band
+                    # backward order in ORT depends on it (test_recompute_runs_band_by_band_in_the_backward).
+                    graph.cleanup().toposort()
                 model = _export_like(graph, model)
             except Exception as exc:  # the pass left a graph onnx-graphsurgeon cannot sort or export
                 raise GfError(f"internal error in pass {name}: {_one_line(exc)}") from exc
@@ -85,9 +90,9 @@ def run_passes(
 def _stable_toposort(graph: gs.Graph, positions: dict[int, int]) -> None:
     """Sort `graph` topologically while keeping the nodes a pass did not add in their order.
 
-    The order of a model's nodes means something to the compiler (the planner's "last N convs" is
-    graph order) and to users who diff compiled graphs, so a pass that inserts nodes must not
-    reshuffle the rest, as onnx-graphsurgeon's own toposort may. Each node the pass added goes just
+    The order of a model's nodes means something to the compiler: the planner's "last N convs" is
+    graph order, so the legalize passes before it must not reshuffle the rest, as
+    onnx-graphsurgeon's own toposort may (it moved ResNet's downsample conv). Each node the pass added goes just
     before its earliest reader; among nodes that are ready, the one with the smallest key runs first,
     which reproduces the original order exactly wherever that order was already valid.
     """

@@ -342,8 +342,8 @@ def test_verbose_compile_shows_why_row_tiling_skipped(tmp_path: Path, capsys) ->
 
 
 def test_runner_keeps_the_node_order_a_pass_did_not_need_to_change() -> None:
-    """Graph order is meaningful (the planner's "last N convs"): a pass that inserts a node before an
-    early reader moves only that node, not the independent branches around it."""
+    """Graph order is meaningful to the planner ("last N convs"), which runs after the legalize passes:
+    a legalize pass that inserts a node before an early reader moves only that node."""
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])
     outputs = [helper.make_tensor_value_info(f"b{i}", TensorProto.FLOAT, [1, 2]) for i in range(4)]
     # Four independent branches in an order no sort by name or by depth would produce.
@@ -358,7 +358,7 @@ def test_runner_keeps_the_node_order_a_pass_did_not_need_to_change() -> None:
         branch3.inputs[0] = negated
         return graph
 
-    result = run_passes((_pass("neg", negate_before_branch3),), model, Plan(convs=[]), "forward")
+    result = run_passes((_pass("neg", negate_before_branch3, stage="legalize"),), model, None, "legalize")
     assert [node.name for node in result.graph.node] == ["branch2", "branch0", "neg", "branch3", "branch1"]
-    unchanged = run_passes((_pass("noop", _identity),), model, Plan(convs=[]), "forward")
+    unchanged = run_passes((_pass("noop", _identity, stage="legalize"),), model, None, "legalize")
     assert [node.name for node in unchanged.graph.node] == ["branch2", "branch0", "branch3", "branch1"]
