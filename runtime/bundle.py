@@ -139,14 +139,7 @@ def check_inference_model(path: Path, trainer: Trainer, x: np.ndarray, y: np.nda
 
 
 def _read_capped(path: Path, limit: int) -> bytes:
-    try:
-        with open(path, "rb") as handle:
-            data = handle.read(limit + 1)
-    except OSError as exc:
-        raise RunError(f"{path}: cannot read it ({(exc.strerror or type(exc).__name__).lower()})") from None
-    if len(data) > limit:
-        raise RunError(f"{path}: larger than {limit} bytes; not a bundle's {path.name}")
-    return data
+    return signing.read_capped(path, limit, "cannot read it", f"larger than {limit} bytes; not a bundle's {path.name}")
 
 
 def _parse_checksums(listing: bytes, directory: Path) -> dict[str, str]:

@@ -53,13 +53,18 @@ def verify(message: bytes, signature: bytes, public_key: Path, what: str) -> Non
 
 
 def _read_key(path: Path) -> bytes:
+    return read_capped(path, MAX_KEY_BYTES, "cannot read the key", "too large for a PEM key")
+
+
+def read_capped(path: Path, limit: int, cannot_read: str, too_large: str) -> bytes:
+    """At most `limit` bytes of `path` (reading one more to tell), or RunError "<path>: <message>"."""
     try:
         with open(path, "rb") as handle:
-            data = handle.read(MAX_KEY_BYTES + 1)
+            data = handle.read(limit + 1)
     except OSError as exc:
-        raise RunError(f"{path}: cannot read the key ({(exc.strerror or type(exc).__name__).lower()})") from None
-    if len(data) > MAX_KEY_BYTES:
-        raise RunError(f"{path}: too large for a PEM key")
+        raise RunError(f"{path}: {cannot_read} ({(exc.strerror or type(exc).__name__).lower()})") from None
+    if len(data) > limit:
+        raise RunError(f"{path}: {too_large}")
     return data
 
 
