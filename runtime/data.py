@@ -230,11 +230,14 @@ def batches(data: Dataset, batch_size: int, seed: int, start_step: int = 0) -> I
 
 
 def eval_batches(data: Dataset, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
-    """Every sample once, the last batch padded by repetition; yields the count of real samples."""
+    """Every sample once, the last batch padded by repetition; yields the count of real samples.
+
+    Batches are taken by index arrays, as `batches` takes them, so `data.x` may be anything indexed
+    that way (runtime.feature_cache.FeatureStore: cached features, one array or a tuple per batch).
+    """
     for start in range(0, len(data), batch_size):
-        x, y = data.x[start : start + batch_size], data.y[start : start + batch_size]
-        real = len(x)
+        index = np.arange(start, min(start + batch_size, len(data)))
+        real = len(index)
         if real < batch_size:
-            pad = np.resize(np.arange(real), batch_size)
-            x, y = x[pad], y[pad]
-        yield x, y, real
+            index = np.resize(index, batch_size)
+        yield data.x[index], data.y[index], real

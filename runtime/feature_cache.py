@@ -70,10 +70,18 @@ def open_run_trainer(
 ) -> Trainer:
     """The trainer of a `gftrain` / `gfcompile train` run: a CachedTrainer with --cache-features
     (options declared in runtime/options.py), else the Trainer."""
-    if not args.cache_features:
+    settings = cache_settings(args, save)
+    if settings is None:
         return Trainer(artifacts, checkpoint=checkpoint, lr=lr)
+    return CachedTrainer(artifacts, checkpoint, lr, settings)
+
+
+def cache_settings(args: argparse.Namespace, save: Path) -> CacheSettings | None:
+    """The cache of a run that saves to `save`, from the options in runtime/options.py (None: uncached)."""
+    if not args.cache_features:
+        return None
     directory = args.cache_dir if args.cache_dir is not None else default_directory(save)
-    return CachedTrainer(artifacts, checkpoint, lr, CacheSettings(directory, args.cache_memory_mb))
+    return CacheSettings(directory, args.cache_memory_mb)
 
 
 class FeatureStore:
@@ -252,7 +260,8 @@ class CachedTrainer:
         self.tail = backend(self.artifacts / self.spec.feature_cache.tail, checkpoint=checkpoint, lr=lr)
         self.settings = settings or CacheSettings(default_directory(self.artifacts / "trained_checkpoint"))
         self.cache = FeatureCache(self.artifacts, self.spec, self.settings, out)
-        self._features: tuple[np.ndarray, FeatureStore] | None = None
+        # Cache folder -> (the samples it was opened for, their features): each dataset's cache is opened once.
+        self._stores: dict[Path, tuple[np.ndarray, FeatureStore]] = {}
 
     # The tail Trainer holds the state: step, checkpoints, the optimizer.
     def __getattr__(self, name: str):
@@ -268,11 +277,19 @@ class CachedTrainer:
     def run_start(self, value: int | None) -> None:
         self.tail.run_start = value
 
-    def features(self, data: Dataset) -> Dataset:
-        """`data` with its inputs replaced by their cut tensors (the cache, opened once per dataset)."""
-        if self._features is None or self._features[0] is not data.x:
-            self._features = (data.x, self.cache.open(data))
-        return Dataset(x=self._features[1], y=data.y)
+    def features(self, data: Dataset, settings: CacheSettings | None = None) -> Dataset:
+        """`data` with its inputs replaced by their cut tensors, cached in `settings`' folder (default: the
+        training cache's), opened once per dataset. Give each dataset its own folder: a folder holds one."""
+        settings = settings or self.settings
+        opened = self._stores.get(settings.directory)
+        if opened is None or opened[0] is not data.x:
+            cache = (
+                self.cache
+                if settings == self.settings
+                else FeatureCache(self.artifacts, self.spec, settings, self.cache.out)
+            )
+            opened = self._stores[settings.directory] = (data.x, cache.open(data))
+        return Dataset(x=opened[1], y=data.y)
 
     def fit(self, data: Dataset, steps: int, **options) -> list[float]:
         return self.tail.fit(self.features(data), steps, **options)
@@ -281,8 +298,12 @@ class CachedTrainer:
         cut = self.cache.run_prefix(x)
         return self.tail.outputs(cut[0] if len(cut) == 1 else tuple(cut), y)
 
-    def evaluate(self, data: Dataset) -> EvalResult:
-        return Trainer.evaluate(self, data)
+    def evaluate(self, data: Dataset, cache: CacheSettings | None = None) -> EvalResult:
+        """Loss and accuracy on `data`: the prefix runs on every batch, or, with `cache` (a folder other than
+        the training set's), once per sample into that cache, and each evaluation then runs the tail only."""
+        if cache is None:
+            return Trainer.evaluate(self, data)
+        return self.tail.evaluate(self.features(data, cache))
 
     def protected_files(self) -> set[Path]:
         """The manifest and every file it lists, the tail's included."""
@@ -300,7 +321,17 @@ class CachedTrainer:
         self.tail.check_save_path(checkpoint)
 
     def export_inference(self, path: Path) -> Path:
-        """The whole inference model: the prefix, then the tail's exported model with the trained weights."""
+        """The whole inference model: the prefix, then the tail's exported model with the trained weights.
+
+        On the portable backend, whose devices have onnxruntime but no onnx package to join models
+        with, the whole graph's inference template takes the tail's trained weights instead.
+        """
+        from .portable import PortableTrainer, write_inference_model
+
+        if isinstance(self.tail, PortableTrainer):
+            if self.spec.portable is None:
+                raise RunError(f"{self.artifacts}: the whole model has no portable inference template to export")
+            return write_inference_model(self.artifacts, self.spec.portable, self.tail.parameters(), path)
         import onnx
 
         path = Path(path)

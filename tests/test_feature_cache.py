@@ -113,8 +113,14 @@ def test_multi_input_cut_resnet_block(tmp_path) -> None:
     artifacts, data = zoo_artifacts(tmp_path, "resnet18", "exact")
     cut = read_manifest(artifacts).feature_cache.cut
     assert len(cut) >= 2, cut
-    assert_same_training(artifacts, data, tmp_path / "cache")
+    cached = assert_same_training(artifacts, data, tmp_path / "cache")
     assert_same_training(artifacts, data, tmp_path / "portable-cache", backend=PortableTrainer)
+    # Evaluation on cached features of a two-tensor cut, last batch padded: the prefix run per batch agrees.
+    test = Dataset(x=data.x[:3].copy(), y=data.y[:3].copy())
+    expected = cached.evaluate(test)
+    actual = cached.evaluate(test, cache=CacheSettings(tmp_path / "test-cache"))
+    assert (actual.samples, actual.accuracy) == (expected.samples, expected.accuracy)
+    np.testing.assert_allclose(actual.loss, expected.loss, rtol=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -155,6 +161,29 @@ def test_resume_through_the_cache_ends_where_one_run_does(tiny, tmp_path) -> Non
     assert not resumed.cache.built  # the cache written by the first run was reused
     for name, value in weights(straight.tail).items():
         np.testing.assert_array_equal(weights(resumed.tail)[name], value)
+
+
+def test_cached_evaluation_matches_the_whole_graph_and_keeps_both_caches(tiny, tmp_path) -> None:
+    """Evaluating on cached test features (the tail only) gives the whole graph's loss and accuracy
+    after the same training, with a padded last batch; interleaving evaluation with training builds
+    each dataset's cache once."""
+    import io
+
+    _, artifacts = tiny
+    train, test = dataset((3, 16, 16), 5), dataset((3, 16, 16), 5, samples=5, seed=1)
+    log = io.StringIO()
+    whole = Trainer(artifacts)
+    cached = CachedTrainer(artifacts, settings=CacheSettings(tmp_path / "train"), out=log)
+    for _ in range(2):
+        whole.fit(train, 2, seed=0, log_every=0)
+        cached.fit(train, 2, seed=0, log_every=0)
+        expected, actual = whole.evaluate(test), cached.evaluate(test, cache=CacheSettings(tmp_path / "test"))
+        assert actual.samples == expected.samples == 5 and actual.accuracy == expected.accuracy
+        np.testing.assert_allclose(actual.loss, expected.loss, rtol=1e-5)
+    assert log.getvalue().count("feature cache: building") == 2, log.getvalue()
+    assert (tmp_path / "test" / FEATURES_FILE).stat().st_size == 5 * (
+        tmp_path / "train" / FEATURES_FILE
+    ).stat().st_size // 7
 
 
 def test_cache_rebuilds_when_data_or_prefix_change_and_never_trusts_a_corrupted_file(tiny, tmp_path) -> None:
