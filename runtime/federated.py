@@ -5,6 +5,10 @@ FedAvg assumes), overwrites the trainable parameters with the server's, trains a
 steps on its own partition, and replies with the trainable parameters alone. Frozen
 parameters come from the bundle's checkpoint on every device and never go over the wire.
 
+The client reads and writes weights only through the trainers' `parameters()` and
+`set_parameters()`, so it runs on either backend (the training build, or plain onnxruntime's
+PortableTrainer, whichever `Trainer` picks) and with the feature cache (CachedTrainer).
+
 Needs `flwr` besides the runtime's own dependencies; still no torch (the Flower client API
 does not import it).
 """
@@ -39,8 +43,8 @@ Expected = dict[str, tuple[tuple[int, ...], np.dtype]]
 
 
 def trainable_values(trainer: Trainer) -> dict[str, np.ndarray]:
-    """Copies of the trainable parameters, in the manifest's order."""
-    return {name: trainer.state.parameters[name].data.copy() for name in trainer.trainable}
+    """Copies of the trainable parameters, in the manifest's order: what goes over the wire."""
+    return trainer.parameters()
 
 
 def expected_arrays(trainer: Trainer) -> Expected:
@@ -70,8 +74,8 @@ def check_arrays(arrays: dict[str, np.ndarray], expected: Expected, source: str)
 
 
 def set_trainable(trainer: Trainer, arrays: dict[str, np.ndarray]) -> None:
-    for name in trainer.trainable:
-        trainer.state.parameters[name] = np.ascontiguousarray(arrays[name])
+    """Load checked wire parameters (see check_arrays) into `trainer`, either backend."""
+    trainer.set_parameters({name: arrays[name] for name in trainer.trainable})
 
 
 def to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
@@ -119,8 +123,8 @@ class FederatedClient:
 
         FedProx's proximal term mu/2 |w - w_global|^2 is applied as its own step after each
         optimizer step, w -= lr * mu * (w_before - w_global): exact for plain SGD, and for AdamW
-        a decoupled pull toward the global model (as AdamW decouples weight decay); ORT's
-        gradient buffers are read-only, so the term cannot be added to the gradient itself.
+        a decoupled pull toward the global model (as AdamW decouples weight decay); neither
+        backend exposes the gradient between backward and update, so the term cannot join it.
         """
         check_arrays(arrays, self.expected, "the server's parameters")
         if steps < 1:
@@ -134,11 +138,13 @@ class FederatedClient:
             before = trainable_values(trainer) if proximal_mu else None
             losses.append(trainer.train_step(*next(stream)))
             if before is not None:
-                for name in trainer.trainable:
-                    pulled = trainer.state.parameters[name].data - trainer.lr * proximal_mu * (
-                        before[name] - anchor[name]
-                    )
-                    trainer.state.parameters[name] = pulled.astype(np.float32)
+                after = trainable_values(trainer)
+                trainer.set_parameters(
+                    {
+                        name: after[name] - trainer.lr * proximal_mu * (before[name] - anchor[name])
+                        for name in trainer.trainable
+                    }
+                )
         return FitResult(
             arrays=trainable_values(trainer), num_examples=len(self.data), loss=float(np.mean(losses)), steps=steps
         )

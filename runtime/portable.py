@@ -40,6 +40,7 @@ from .trainer import (
     _last_line,
     artifacts_identity,
     ort_quiet,
+    parameter_value,
     session_options,
     verified_manifest,
 )
@@ -159,6 +160,15 @@ class PortableTrainer(Trainer):
         """Copies of the current trainable parameters, by name."""
         return {p.name: np.array(self._current[p.input].numpy()) for p in self.portable.parameters}
 
+    def set_parameters(self, values: dict[str, np.ndarray]) -> None:
+        """Overwrite the trainable parameters named in `values` (copied into the current buffers)."""
+        inputs = {p.name: p.input for p in self.portable.parameters}
+        for name, value in values.items():
+            buffer = self._current[inputs[name]] if name in inputs else None
+            shape = None if buffer is None else tuple(buffer.shape())
+            checked = parameter_value(name, value, shape, self.artifacts)  # refuses a name not trained here
+            buffer.update_inplace(checked)
+
     def train_step(self, x: np.ndarray, y: np.ndarray, skip_nonfinite: bool = False) -> float:
         """One optimizer step; returns the loss (see Trainer.train_step for the non-finite rules)."""
         binding = self.session.io_binding()
@@ -260,16 +270,22 @@ class PortableTrainer(Trainer):
 
     def export_inference(self, path: Path) -> Path:
         """The inference model with the current weights: the compiler's template, trained bytes patched in."""
-        template = bytearray((self.artifacts / self.portable.inference_template).read_bytes())
-        by_name = {p.name: p.input for p in self.portable.parameters}
-        for name, (offset, length) in self.portable.inference_patches.items():
-            data = np.ascontiguousarray(self._current[by_name[name]].numpy()).astype("<f4", copy=False).tobytes()
-            if len(data) != length:
-                raise RunError(f"{self.artifacts}: the inference template's {name} has {length} bytes, not {len(data)}")
-            template[offset : offset + length] = data
-        path = Path(path)
-        with open(path, "wb") as handle:
-            handle.write(template)
-            handle.flush()
-            os.fsync(handle.fileno())
-        return path
+        return write_inference_model(self.artifacts, self.portable, self.parameters(), path)
+
+
+def write_inference_model(
+    artifacts: Path, portable: PortableSpec, parameters: dict[str, np.ndarray], path: Path
+) -> Path:
+    """`artifacts`' inference template with `parameters` (by name) patched in at the manifest's byte ranges."""
+    template = bytearray((artifacts / portable.inference_template).read_bytes())
+    for name, (offset, length) in portable.inference_patches.items():
+        data = np.ascontiguousarray(parameters[name]).astype("<f4", copy=False).tobytes()
+        if len(data) != length:
+            raise RunError(f"{artifacts}: the inference template's {name} has {length} bytes, not {len(data)}")
+        template[offset : offset + length] = data
+    path = Path(path)
+    with open(path, "wb") as handle:
+        handle.write(template)
+        handle.flush()
+        os.fsync(handle.fileno())
+    return path

@@ -205,6 +205,18 @@ class Trainer:
     def step(self) -> int:
         return int(self.state.properties["step"]) if "step" in self.state.properties else 0
 
+    # The trainable parameters as numpy arrays: the one view of the weights that code outside the
+    # backends (the federated client, the server's evaluator) reads and writes, on either backend.
+    def parameters(self) -> dict[str, np.ndarray]:
+        """Copies of the trainable parameters, by name, in the manifest's order."""
+        return {name: self.state.parameters[name].data.copy() for name in self.trainable}
+
+    def set_parameters(self, values: dict[str, np.ndarray]) -> None:
+        """Overwrite the trainable parameters named in `values` (copied in); the optimizer state stays."""
+        for name, value in values.items():
+            shape = self.state.parameters[name].data.shape if name in self.trainable else None
+            self.state.parameters[name] = parameter_value(name, value, shape, self.artifacts)
+
     def train_step(self, x: np.ndarray, y: np.ndarray, skip_nonfinite: bool = False) -> float:
         """One optimizer step; returns the loss.
 
@@ -433,6 +445,17 @@ class Trainer:
         except Exception as exc:  # onnxruntime reports a full disk or an unwritable path as a RuntimeError
             raise RunError(f"{path}: cannot write the inference model ({_last_line(exc)})") from None
         return Path(path)
+
+
+def parameter_value(name: str, value: np.ndarray, shape: tuple[int, ...] | None, artifacts: Path) -> np.ndarray:
+    """`value` as a contiguous float32 copy for trainable parameter `name` of shape `shape` (None: not
+    a trainable parameter of `artifacts`); RunError on a name or shape mismatch (both backends)."""
+    if shape is None:
+        raise RunError(f"{artifacts}: {name!r} is not a trainable parameter of these artifacts")
+    value = np.asarray(value)
+    if value.shape != tuple(shape):
+        raise RunError(f"{artifacts}: parameter {name} has shape {list(shape)}, not {list(value.shape)}")
+    return np.array(value, dtype=np.float32, order="C")
 
 
 def check_writable_file(path: Path, what: str, create_folders: bool = False) -> None:

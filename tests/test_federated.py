@@ -22,6 +22,7 @@ from runtime.errors import RunError
 from runtime.federated import FederatedClient, trainable_values
 from runtime.federated_data import class_skew, dirichlet_partition
 from runtime.trainer import Trainer
+from tests.federated_round import client_round
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "models" / "zoo" / "mobilenetv2_digits.onnx"
@@ -414,3 +415,88 @@ def test_a_non_finite_aggregate_skips_the_round(artifacts: Path, tmp_path: Path,
     final = dict(np.load(tmp_path / "out" / PARAMS_NAME))
     assert all(np.isfinite(value).all() for value in final.values())
     _assert_close(final, _fedavg(captured, 2))
+
+
+# --- the portable backend ----------------------------------------------------------------------
+
+
+def _server_parameters(artifacts: Path) -> dict[str, np.ndarray]:
+    """Parameters unlike the compiled checkpoint's, so a client that ignored them would be caught."""
+    rng = np.random.default_rng(7)
+    initial = Trainer(artifacts).parameters()
+    return {
+        name: (value + 0.05 * rng.standard_normal(value.shape)).astype(np.float32) for name, value in initial.items()
+    }
+
+
+def _hide_training_build(monkeypatch) -> None:
+    """From here on `Trainer(...)` is the PortableTrainer, as on a device with plain onnxruntime only
+    (the switch Trainer.__new__ reads), and every federated client is built anew."""
+    import runtime.federated
+    import runtime.portable
+
+    monkeypatch.setattr(runtime.portable, "training_build_installed", lambda: False)
+    monkeypatch.setattr(runtime.federated, "_CLIENTS", {})
+
+
+@pytest.fixture(scope="module")
+def cached_artifacts(tmp_path_factory) -> Path:
+    # Plain SGD: with the prefix in its own session, AdamW would turn rounding in near-zero gradient
+    # elements into lr-sized differences (tests/test_feature_cache.py).
+    out = tmp_path_factory.mktemp("fed_cached") / "artifacts"
+    config = CompileConfig(
+        filter_layers=2, batch_size=BATCH, optimizer="sgd", momentum=0.9, lr=0.01, feature_cache=True, output_dir=out
+    )
+    return compile_model(MODEL, config, report=lambda message: None)
+
+
+@pytest.mark.parametrize(("cached", "mu"), [(False, 0.0), (False, 0.5), (True, 0.5)])
+def test_portable_client_round_equals_the_training_build_client(
+    artifacts: Path, cached_artifacts: Path, tmp_path: Path, monkeypatch, cached: bool, mu: float
+) -> None:
+    from runtime.feature_cache import CachedTrainer
+    from runtime.federated import ClientConfig
+    from runtime.portable import PortableTrainer
+
+    bundle = cached_artifacts if cached else artifacts
+    # AdamW at lr 1e-4 (the uncached artifacts): near-zero gradient elements then move the weights
+    # by much less than 1e-5 whatever their rounding (tests/test_portable.py).
+    lr = 0.01 if cached else 1e-4
+
+    def config(backend: str) -> ClientConfig:
+        cache_dir = str(tmp_path / f"cache-{backend}") if cached else ""
+        return ClientConfig(artifacts=str(bundle), train_data=str(TRAIN), lr=lr, cache_dir=cache_dir)
+
+    server = _server_parameters(bundle)
+    round_config = {"server-round": 1, "local-steps": 3, "seed": 5, "proximal-mu": mu}
+    expected, expected_metrics = client_round(config("build"), server, round_config)
+    expected_eval = client_round(config("build"), server, {}, kind="evaluate")[1]
+
+    _hide_training_build(monkeypatch)
+    opened = CachedTrainer(bundle, settings=None).tail if cached else Trainer(bundle)
+    assert type(opened) is PortableTrainer
+    actual, metrics = client_round(config("portable"), server, round_config)
+    evaluation = client_round(config("portable"), server, {}, kind="evaluate")[1]
+
+    assert list(actual) == list(expected)
+    for name, value in expected.items():
+        assert not np.allclose(value, server[name], rtol=0, atol=1e-7), f"{name} did not train"
+        np.testing.assert_allclose(actual[name], value, rtol=0, atol=1e-5, err_msg=name)
+    assert metrics["num-examples"] == expected_metrics["num-examples"]
+    assert metrics["train-loss"] == pytest.approx(expected_metrics["train-loss"], abs=1e-5)
+    assert evaluation["loss"] == pytest.approx(expected_eval["loss"], abs=1e-5)
+    assert evaluation["accuracy"] == pytest.approx(expected_eval["accuracy"])
+
+
+def test_set_parameters_on_both_backends(artifacts: Path) -> None:
+    from runtime.portable import PortableTrainer
+
+    server = _server_parameters(artifacts)
+    name = next(iter(server))
+    for trainer in (Trainer(artifacts), PortableTrainer(artifacts)):
+        trainer.set_parameters(server)
+        assert all(np.array_equal(value, server[key]) for key, value in trainer.parameters().items())
+        with pytest.raises(RunError, match=rf"parameter {name} has shape .*, not \[3\]"):
+            trainer.set_parameters({name: np.zeros(3, np.float32)})
+        with pytest.raises(RunError, match="'frozen.weight' is not a trainable parameter"):
+            trainer.set_parameters({"frozen.weight": np.zeros(3, np.float32)})
