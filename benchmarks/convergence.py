@@ -14,6 +14,15 @@ evaluates the held-out test set every `eval_every` steps. Per (input size, last 
   excluded); a run that ends below the target never reached it;
 * plateau accuracy per variant, and paired differences to exact (same seed = same batches, same
   initial weights) with 95% t-intervals over seeds;
+* with `feature_cache`: artifacts compiled with `--feature-cache`, trained by
+  `runtime.feature_cache.CachedTrainer` (the frozen prefix runs once per sample into a cache, each
+  step runs the tail only) and evaluated on cached test features. The cache is built once per
+  distinct prefix model (exact and filtered share one when their prefix models hash alike), in a
+  worker of its own, and its build time is added in full to every run's time to accuracy, as a
+  user pays it once per run. Runs through the whole graph (`uncached_seeds` of them,
+  `uncached_steps` long) measure the uncached step time in the same run and check that the two
+  paths follow the same curve; uncached time to accuracy is then derived as steps to reach x that
+  median step time, and labelled so;
 * gradient SNR at the pretrained weights: measured on the compiled artifacts (same batch, exact
   vs filtered weight gradients of each trained conv: |g|² / |g~ - g|², in dB) beside our reading
   of the paper's Proposition 1, which ties the filtered gradient's quality to how much of the
@@ -56,13 +65,25 @@ class ConvergenceSettings:
     seeds: tuple[int, ...]
     steps: int
     eval_every: int
-    snr_batches: int  # batches the gradient SNR is summed over
+    snr_batches: int  # batches the gradient SNR is summed over (0: no SNR)
+    feature_cache: bool = False  # train the tail on cached frozen-prefix features (module docstring)
+    uncached_seeds: int = 0  # with the cache: the first this many seeds also train through the whole graph
+    uncached_steps: int = 0  # ... for this many steps (0: `steps`)
 
 
 SETTINGS = {
-    # A smoke test of every code path (about a minute on 2 cores).
+    # A smoke test of every code path: cached runs, one uncached run per variant, SNR.
     "quick": ConvergenceSettings(
-        sizes=(64,), layers=(2,), patch_sizes=(2,), seeds=(0,), steps=8, eval_every=4, snr_batches=1
+        sizes=(64,),
+        layers=(2,),
+        patch_sizes=(2,),
+        seeds=(0,),
+        steps=8,
+        eval_every=4,
+        snr_batches=1,
+        feature_cache=True,
+        uncached_seeds=1,
+        uncached_steps=4,
     ),
     "full": ConvergenceSettings(
         sizes=(64, 224),
@@ -121,8 +142,12 @@ def task_files(ctx: SuiteContext, size: int) -> tuple[Path, Path]:
     return paths
 
 
-def compile_variant(ctx: SuiteContext, size: int, n: int, r: int | None) -> Path | str:
-    """Compiled artifacts for one variant (cached), or the one-line reason it cannot be planned."""
+def compile_variant(ctx: SuiteContext, size: int, n: int, r: int | None, feature_cache: bool = False) -> Path | str:
+    """Compiled artifacts for one variant (cached), or the one-line reason it cannot be planned.
+
+    With `feature_cache` the artifacts also hold the prefix and tail models; their whole-graph
+    models are the ones an uncached run trains.
+    """
     import json
 
     from gfcompile.config import CompileConfig
@@ -133,8 +158,9 @@ def compile_variant(ctx: SuiteContext, size: int, n: int, r: int | None) -> Path
     from .training import _compiler_fingerprint
 
     source = SOURCES[size]
-    kwargs = {"train_layers": n, "filter_layers": n if r else 0, "patch_size": r or 2}
-    out = ctx.cache_dir / "convergence" / f"digits_{size}_b{BATCH}_n{n}_{variant_key(r)}"
+    kwargs = {"train_layers": n, "filter_layers": n if r else 0, "patch_size": r or 2, "feature_cache": feature_cache}
+    suffix = "_fc" if feature_cache else ""
+    out = ctx.cache_dir / "convergence" / f"digits_{size}_b{BATCH}_n{n}_{variant_key(r)}{suffix}"
     stamp = out.with_name(out.name + ".stamp.json")
     expected = {"source": sha256_file(source), "compiler": _compiler_fingerprint(), "lr": LR, **kwargs}
     cached = ctx.use_cache and stamp.is_file() and (out / "manifest.json").is_file()
@@ -155,7 +181,7 @@ def _run_group(
     variants: dict[str, Path] = {}
     skipped: dict[str, str] = {}
     for r in (None, *settings.patch_sizes):
-        built = compile_variant(ctx, size, n, r)
+        built = compile_variant(ctx, size, n, r, settings.feature_cache)
         if isinstance(built, Path):
             variants[variant_key(r)] = built
         else:
@@ -163,7 +189,9 @@ def _run_group(
             ctx.log(f"convergence: {size}² N={n} {variant_key(r)} cannot be planned: {built}")
     if "exact" not in variants:
         raise RuntimeError(f"convergence: the exact variant of {size}² N={n} did not compile: {skipped['exact']}")
+    caches = _build_caches(ctx, size, n, variants, train, test) if settings.feature_cache else {}
     runs: dict[str, list[dict[str, Any]]] = {key: [] for key in variants}
+    uncached: dict[str, list[dict[str, Any]]] = {key: [] for key in variants}
     # Seed-major order: load from other processes on the machine hits every variant alike.
     for seed in settings.seeds:
         for key, artifacts in variants.items():
@@ -175,13 +203,23 @@ def _run_group(
                 "eval_every": settings.eval_every,
                 "seed": seed,
                 "threads": ctx.threads,
+                "cache": caches[key]["folders"] if caches else None,
             }
             result = run_worker("convergence_train", params, timeout=3600)
             runs[key].append(result)
             ctx.log(
-                f"convergence: {size}² N={n} {key} seed {seed}: accuracy {result['curve'][-1]['accuracy']:.4f} "
-                f"after {settings.steps} steps ({result['train_s']:.1f} s training)"
+                f"convergence: {size}² N={n} {key} seed {seed}{' cached' if caches else ''}: accuracy "
+                f"{result['curve'][-1]['accuracy']:.4f} after {settings.steps} steps ({result['train_s']:.1f} s "
+                f"training, load {result['worker']['loadavg_1min_end']})"
             )
+            if caches and seed in settings.seeds[: settings.uncached_seeds]:
+                steps = settings.uncached_steps or settings.steps
+                result = run_worker("convergence_train", {**params, "cache": None, "steps": steps}, timeout=3600)
+                uncached[key].append(result)
+                ctx.log(
+                    f"convergence: {size}² N={n} {key} seed {seed} uncached: {steps} steps in "
+                    f"{result['train_s']:.1f} s (load {result['worker']['loadavg_1min_end']})"
+                )
     snr = {
         key: run_worker(
             "convergence_snr",
@@ -195,9 +233,37 @@ def _run_group(
             },
         )
         for key, path in variants.items()
-        if key != "exact"
+        if key != "exact" and settings.snr_batches
     }
-    return {"size": size, "n": n, "skipped": skipped, "snr": snr, **analyse(runs)}
+    build_s = {key: cache["train_build_s"] for key, cache in caches.items()}
+    summary = analyse(runs, build_s or None, {key: found for key, found in uncached.items() if found} or None)
+    return {"size": size, "n": n, "skipped": skipped, "snr": snr, "caches": caches, **summary}
+
+
+def _build_caches(
+    ctx: SuiteContext, size: int, n: int, variants: dict[str, Path], train: Path, test: Path
+) -> dict[str, dict[str, Any]]:
+    """Per variant: its cache folders and build times. One build per distinct prefix model (by sha256)."""
+    import json
+
+    from runtime.manifest import MANIFEST
+
+    built: dict[str, dict[str, Any]] = {}
+    caches = {}
+    for key, artifacts in variants.items():
+        manifest = json.loads((artifacts / MANIFEST).read_text())
+        prefix_sha = manifest["files"][manifest["feature_cache"]["prefix_model"]]
+        if prefix_sha not in built:
+            folder = ctx.cache_dir / "convergence" / "features" / f"{size}_n{n}_{prefix_sha[:16]}"
+            folders = {"train": str(folder / "train"), "test": str(folder / "test")}
+            params = {"artifacts": str(artifacts), "train": str(train), "test": str(test), "threads": ctx.threads}
+            built[prefix_sha] = {**run_worker("convergence_cache", {**params, "folders": folders}), "folders": folders}
+            ctx.log(
+                f"convergence: {size}² N={n} feature cache built from {key}'s prefix: training set "
+                f"{built[prefix_sha]['train_build_s']:.1f} s, test set {built[prefix_sha]['test_build_s']:.1f} s"
+            )
+        caches[key] = {**built[prefix_sha], "prefix_sha256": prefix_sha}
+    return caches
 
 
 def reach_and_hold(curve: list[dict[str, Any]], target: float) -> dict[str, Any] | None:
@@ -229,32 +295,114 @@ def paired_interval(differences: list[float]) -> dict[str, Any]:
     return {"n": count, "mean": mean, "low": mean - half, "high": mean + half}
 
 
-def analyse(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
-    """Target, per-run reach-and-hold points and plateaus, and paired comparisons to exact."""
+def step_times(curve: list[dict[str, Any]]) -> list[float]:
+    """Seconds per training step over each stretch between two evaluations."""
+    return [
+        (b["train_s"] - a["train_s"]) / (b["step"] - a["step"])
+        for a, b in zip(curve, curve[1:], strict=False)
+        if b["step"] > a["step"]
+    ]
+
+
+def median_step_s(runs: list[dict[str, Any]]) -> float:
+    """Median over every stretch of every run: robust to the machine's load drifting during a run."""
+    return statistics.median(t for run in runs for t in step_times(run["curve"]))
+
+
+def seconds_to_reach(reached: list[dict[str, Any] | None], cache_build_s: float = 0.0) -> list[float | None]:
+    """Measured wall clock to reach and hold: training seconds up to the point, plus the cache build paid once."""
+    return [None if point is None else cache_build_s + point["train_s"] for point in reached]
+
+
+def derived_seconds_to_reach(reached: list[dict[str, Any] | None], step_s: float) -> list[float | None]:
+    """Wall clock a run through the whole graph would need: the same steps (same curve) x its median step time."""
+    return [None if point is None else point["step"] * step_s for point in reached]
+
+
+def first_crossing(curve: list[dict[str, Any]], target: float) -> int | None:
+    return next((point["step"] for point in curve if point["accuracy"] >= target), None)
+
+
+def agreement(cached: dict[str, Any], uncached: dict[str, Any], target: float) -> dict[str, Any]:
+    """How closely a run through the whole graph follows the cached run of the same seed, over their common evaluations."""
+    common = min(len(cached["curve"]), len(uncached["curve"]))
+    a, b = cached["curve"][:common], uncached["curve"][:common]
+    full = len(uncached["curve"]) == len(cached["curve"])
+    reached = reach_and_hold(b, target) if full else None
+    return {
+        "seed": cached["seed"],
+        "evals": common,
+        "max_accuracy_difference": max(abs(p["accuracy"] - q["accuracy"]) for p, q in zip(a, b, strict=True)),
+        "first_crossing": {"cached": first_crossing(a, target), "uncached": first_crossing(b, target)},
+        # Only a run as long as the cached one can say where it reaches and holds.
+        "uncached_reached": None if reached is None else {"step": reached["step"], "s": reached["train_s"]},
+    }
+
+
+def analyse(
+    runs: dict[str, list[dict[str, Any]]],
+    cache_build_s: dict[str, float] | None = None,
+    uncached: dict[str, list[dict[str, Any]]] | None = None,
+) -> dict[str, Any]:
+    """Target, per-run reach-and-hold points and plateaus, seconds to the target, and paired comparisons to exact.
+
+    `runs` trained through the whole graph, or, with `cache_build_s` (per variant: the seconds its
+    feature cache took to build), through the cache; `uncached`: shorter runs through the whole
+    graph of the same variants, whose median step time gives the derived uncached seconds.
+    """
     target = statistics.fmean(plateau(run["curve"]) for run in runs["exact"]) - TARGET_MARGIN
     per_variant: dict[str, Any] = {}
     for key, key_runs in runs.items():
         reached = [reach_and_hold(run["curve"], target) for run in key_runs]
-        step_s = [run["train_s"] / run["steps"] for run in key_runs]
-        per_variant[key] = {
+        step_s = median_step_s(key_runs)
+        if cache_build_s is None:
+            clocks = {"uncached": seconds_to_reach(reached)}
+        else:
+            clocks = {"cached": seconds_to_reach(reached, cache_build_s[key])}
+        summary = {
             "plateau": [plateau(run["curve"]) for run in key_runs],
             "reached": [None if point is None else {"step": point["step"], "s": point["train_s"]} for point in reached],
-            "step_s_median": statistics.median(step_s),
+            "step_s_median": step_s,
             "final_loss": [run["curve"][-1]["train_loss"] for run in key_runs],
         }
+        if uncached:
+            summary["uncached_step_s_median"] = median_step_s(uncached[key])
+            clocks["uncached (derived)"] = derived_seconds_to_reach(reached, summary["uncached_step_s_median"])
+            by_seed = {run["seed"]: run for run in key_runs}
+            summary["agreement"] = [agreement(by_seed[run["seed"]], run, target) for run in uncached[key]]
+        summary["seconds_to_target"] = clocks
+        per_variant[key] = summary
     exact = per_variant["exact"]
     for summary in per_variant.values():
         pairs = list(zip(summary["reached"], exact["reached"], strict=True))
         both = [(mine, ref) for mine, ref in pairs if mine is not None and ref is not None]
         summary["vs_exact"] = {
             "plateau_gap": paired_interval([a - b for a, b in zip(summary["plateau"], exact["plateau"], strict=True)]),
-            "time_difference_s": paired_interval([mine["s"] - ref["s"] for mine, ref in both]),
             "step_difference": paired_interval([mine["step"] - ref["step"] for mine, ref in both]),
             "seeds_reached": sum(point is not None for point in summary["reached"]),
-            "seeds_faster": sum(mine["s"] < ref["s"] for mine, ref in both),
             "step_time_ratio": summary["step_s_median"] / exact["step_s_median"],
+            "clocks": {
+                label: _clock_comparison(seconds, exact["seconds_to_target"][label])
+                for label, seconds in summary["seconds_to_target"].items()
+            },
         }
-    return {"target": target, "variants": per_variant, "runs": runs}
+        if uncached:
+            summary["vs_exact"]["uncached_step_time_ratio"] = (
+                summary["uncached_step_s_median"] / exact["uncached_step_s_median"]
+            )
+    return {"target": target, "variants": per_variant, "runs": runs, "uncached_runs": uncached or {}}
+
+
+def _clock_comparison(mine: list[float | None], exact: list[float | None]) -> dict[str, Any]:
+    """Median seconds to the target, and the paired difference to exact over the seeds where both reached it."""
+    both = [(a, b) for a, b in zip(mine, exact, strict=True) if a is not None and b is not None]
+    reached = [value for value in mine if value is not None]
+    return {
+        "median_s": statistics.median(reached) if reached else None,
+        "difference_s": paired_interval([a - b for a, b in both]),
+        "seeds_faster": sum(a < b for a, b in both),
+        "pairs": len(both),
+    }
 
 
 # --------------------------------------------------------------------------------------
@@ -262,16 +410,55 @@ def analyse(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------
 
 
-def train_task(params: dict) -> dict[str, Any]:
-    """Fine-tune from the pretrained weights, evaluating every `eval_every` steps (evaluation not timed)."""
-    from runtime.data import load_data
+def _open_trainer(params: dict) -> Any:
+    """The Trainer on the artifacts' whole graph, or, with params["cache"], the CachedTrainer on its tail."""
+    from runtime.feature_cache import CachedTrainer, CacheSettings
 
     from .training import open_trainer
 
-    trainer = open_trainer(Path(params["artifacts"]), params["threads"])
+    if not params.get("cache"):
+        return open_trainer(Path(params["artifacts"]), params["threads"])
+    import runtime.feature_cache
+    import runtime.trainer
+
+    settings = CacheSettings(Path(params["cache"]["train"]))
+    trainer = CachedTrainer(
+        Path(params["artifacts"]),
+        settings=settings,
+        backend=lambda tail, checkpoint, lr: open_trainer(tail, params["threads"]),
+    )
+    # open_trainer pinned the threads of runtime.trainer's sessions; the prefix session is runtime.feature_cache's.
+    runtime.feature_cache.session_options = runtime.trainer.session_options
+    return trainer
+
+
+def train_task(params: dict) -> dict[str, Any]:
+    """Fine-tune from the pretrained weights, evaluating every `eval_every` steps (evaluation not timed).
+
+    With params["cache"] (folders of an already built cache), training and evaluation run on cached
+    features; opening them (reading and hashing the files) is timed apart from training.
+    """
+    from runtime.data import load_data
+    from runtime.feature_cache import CacheSettings
+
+    trainer = _open_trainer(params)
     train = load_data(Path(params["train"]), trainer.manifest)
     test = load_data(Path(params["test"]), trainer.manifest)
-    start = trainer.evaluate(test)
+    cache_open_s = None
+    if params.get("cache"):
+        started = time.perf_counter()
+        trainer.features(train)
+        cache_open_s = time.perf_counter() - started
+        test_cache = CacheSettings(Path(params["cache"]["test"]))
+
+        def evaluate():
+            return trainer.evaluate(test, cache=test_cache)
+    else:
+
+        def evaluate():
+            return trainer.evaluate(test)
+
+    start = evaluate()
     curve = [{"step": 0, "train_s": 0.0, "accuracy": start.accuracy, "loss": start.loss, "train_loss": None}]
     train_s = 0.0
     while trainer.step < params["steps"]:
@@ -280,7 +467,7 @@ def train_task(params: dict) -> dict[str, Any]:
         # The data order depends only on (seed, step): chunked training sees the batches of one long run.
         losses = trainer.fit(train, chunk, seed=params["seed"], log_every=0)
         train_s += time.perf_counter() - started
-        result = trainer.evaluate(test)
+        result = evaluate()
         curve.append(
             {
                 "step": trainer.step,
@@ -290,7 +477,34 @@ def train_task(params: dict) -> dict[str, Any]:
                 "train_loss": statistics.fmean(losses),
             }
         )
-    return {"seed": params["seed"], "steps": trainer.step, "train_s": train_s, "curve": curve}
+    if params.get("cache") and trainer.cache.built:  # the build is timed in cache_task, not here
+        raise RuntimeError(f"convergence: the feature cache in {params['cache']['train']} was rebuilt inside a run")
+    return {
+        "seed": params["seed"],
+        "steps": trainer.step,
+        "train_s": train_s,
+        "cache_open_s": cache_open_s,
+        "curve": curve,
+    }
+
+
+def cache_task(params: dict) -> dict[str, Any]:
+    """Build the feature caches of the training and test sets from scratch, as CachedTrainer does; seconds of each."""
+    import shutil
+
+    from runtime.data import load_data
+    from runtime.feature_cache import CacheSettings
+
+    trainer = _open_trainer({**params, "cache": params["folders"]})
+    seconds = {}
+    for name in ("train", "test"):
+        folder = Path(params["folders"][name])
+        shutil.rmtree(folder, ignore_errors=True)  # so this is a build, never the reuse of an earlier one
+        data = load_data(Path(params[name]), trainer.manifest)
+        started = time.perf_counter()
+        trainer.features(data, CacheSettings(folder))
+        seconds[name] = time.perf_counter() - started
+    return {"train_build_s": seconds["train"], "test_build_s": seconds["test"]}
 
 
 def _trained_conv_weights(source: Path, manifest: dict) -> dict[str, int | None]:
@@ -435,23 +649,11 @@ def _markdown(data: dict[str, Any]) -> str:
         f"{s['steps']} steps, test accuracy every {s['eval_every']} steps, seeds {list(s['seeds'])}. "
         f"Target = exact's plateau (mean of its last {PLATEAU_EVALS} evaluations, mean over seeds) minus "
         f"{s['target_margin'] * 100:.0f} point; 'reach and hold' = first evaluation from which the run stays "
-        "at or above it. Times are training wall clock (evaluation excluded). Differences are paired by seed, "
-        "95% t-intervals.",
+        "at or above it. Differences are paired by seed, 95% t-intervals.",
         "",
     ]
-    headers = [
-        "size",
-        "N",
-        "variant",
-        "plateau %",
-        "gap vs exact (pts)",
-        "reached",
-        "median steps",
-        "median s",
-        "Δ s vs exact",
-        "faster seeds",
-        "step time ÷ exact",
-    ]
+    headers = ["size", "N", "variant", "target %", "plateau %", "gap vs exact (pts)", "reached", "median steps"]
+    headers += ["final train loss"]
     rows = []
     for group in data["groups"]:
         for key, v in group["variants"].items():
@@ -461,19 +663,18 @@ def _markdown(data: dict[str, Any]) -> str:
                     f"{group['size']}²",
                     group["n"],
                     key,
+                    fmt(100 * group["target"], 1),
                     fmt(100 * statistics.fmean(v["plateau"]), 1),
                     "—" if key == "exact" else _ci(cmp["plateau_gap"], 100),
                     f"{cmp['seeds_reached']}/{len(v['plateau'])}",
                     fmt(_median_reached(v["reached"], "step"), 0),
-                    fmt(_median_reached(v["reached"], "s"), 1),
-                    "—" if key == "exact" else _ci(cmp["time_difference_s"]),
-                    "—" if key == "exact" else f"{cmp['seeds_faster']}/{cmp['time_difference_s']['n']}",
-                    fmt(cmp["step_time_ratio"], 2),
+                    fmt(statistics.fmean(v["final_loss"]), 3),
                 ]
             )
         for key, reason in group["skipped"].items():
-            rows.append([f"{group['size']}²", group["n"], key, "does not fit: " + reason] + ["—"] * 7)
+            rows.append([f"{group['size']}²", group["n"], key, "does not fit: " + reason] + ["—"] * 5)
     lines += [md_table(headers, rows, numeric_from=3), ""]
+    lines += _time_markdown(data)
     snr_rows = []
     for group in data["groups"]:
         for key, snr in group["snr"].items():
@@ -489,6 +690,8 @@ def _markdown(data: dict[str, Any]) -> str:
                         fmt(layer["predicted_snr_db"], 1),
                     ]
                 )
+    if not snr_rows:
+        return "\n".join(lines)
     lines += [
         "## Gradient SNR at the pretrained weights",
         "",
@@ -500,6 +703,92 @@ def _markdown(data: dict[str, Any]) -> str:
         md_table(["size", "N", "variant", "layer", "measured SNR dB", "cosine", "predicted SNR dB"], snr_rows, 4),
     ]
     return "\n".join(lines)
+
+
+def _time_markdown(data: dict[str, Any]) -> list[str]:
+    """Seconds to reach and hold the target per clock (cached measured, uncached measured or derived)."""
+    s = data["settings"]
+    lines = [
+        "## Wall clock to reach and hold the target",
+        "",
+        "Training wall clock (evaluation excluded) up to the reach-and-hold evaluation; 'cached' adds the "
+        "training set's feature-cache build time in full to every run (built once per prefix model, column "
+        "'cache build'; the test set's build is evaluation cost, not counted); 'uncached (derived)' = steps to "
+        "reach x the median step time of the runs through the whole graph in this run. Δ = paired difference "
+        "to exact over the seeds where both reached the target; step ms = median over every "
+        f"{s['eval_every']}-step stretch of every run.",
+        "",
+    ]
+    headers = ["size", "N", "variant", "clock", "step ms", "step ÷ exact", "cache build s (train / test)"]
+    headers += ["median s to target", "Δ s vs exact", "faster seeds"]
+    rows = []
+    for group in data["groups"]:
+        for key, v in group["variants"].items():
+            cmp = v["vs_exact"]
+            for label, clock in cmp["clocks"].items():
+                cached = label == "cached"
+                step_s = (
+                    v["step_s_median"] if cached or "uncached_step_s_median" not in v else v["uncached_step_s_median"]
+                )
+                ratio = (
+                    cmp["step_time_ratio"]
+                    if cached or "uncached_step_s_median" not in v
+                    else cmp["uncached_step_time_ratio"]
+                )
+                cache = group["caches"].get(key)
+                rows.append(
+                    [
+                        f"{group['size']}²",
+                        group["n"],
+                        key,
+                        label,
+                        fmt(1000 * step_s, 0),
+                        fmt(ratio, 2),
+                        f"{cache['train_build_s']:.1f} / {cache['test_build_s']:.1f}" if cached and cache else "—",
+                        fmt(clock["median_s"], 1),
+                        "—" if key == "exact" else _ci(clock["difference_s"]),
+                        "—" if key == "exact" else f"{clock['seeds_faster']}/{clock['pairs']}",
+                    ]
+                )
+    lines += [md_table(headers, rows, numeric_from=4), ""]
+    checks = []
+    for group in data["groups"]:
+        for key, v in group["variants"].items():
+            for check in v.get("agreement", []):
+                reached = check["uncached_reached"]
+                checks.append(
+                    [
+                        f"{group['size']}²",
+                        group["n"],
+                        key,
+                        check["seed"],
+                        check["evals"],
+                        fmt(100 * check["max_accuracy_difference"], 2),
+                        f"{check['first_crossing']['cached']} / {check['first_crossing']['uncached']}",
+                        "—" if reached is None else f"{reached['step']} in {reached['s']:.1f} s",
+                    ]
+                )
+    if checks:
+        lines += [
+            "Cached vs uncached curves of the same seed (the derived uncached times assume they coincide):",
+            "",
+            md_table(
+                [
+                    "size",
+                    "N",
+                    "variant",
+                    "seed",
+                    "evals",
+                    "max abs Δ accuracy (pts)",
+                    "first at target (cached / uncached)",
+                ]
+                + ["uncached reach and hold (measured)"],
+                checks,
+                numeric_from=3,
+            ),
+            "",
+        ]
+    return lines
 
 
 def _plot(data: dict[str, Any], path: Path) -> None:
@@ -541,6 +830,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=len(full.seeds))
     parser.add_argument("--steps", type=int, default=full.steps)
     parser.add_argument("--eval-every", type=int, default=full.eval_every)
+    parser.add_argument("--snr-batches", type=int, default=full.snr_batches, help="0: no gradient SNR")
+    parser.add_argument("--feature-cache", action="store_true", help="train and evaluate on cached prefix features")
+    parser.add_argument(
+        "--uncached-seeds", type=int, default=0, help="with --feature-cache: seeds also trained through the whole graph"
+    )
+    parser.add_argument("--uncached-steps", type=int, default=0, help="steps of those runs (0: --steps)")
     parser.add_argument("--out", type=Path, default=Path("bench_results"))
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
@@ -556,6 +851,10 @@ def main(argv: list[str] | None = None) -> int:
         seeds=tuple(range(args.seeds)),
         steps=args.steps,
         eval_every=args.eval_every,
+        snr_batches=args.snr_batches,
+        feature_cache=args.feature_cache,
+        uncached_seeds=args.uncached_seeds,
+        uncached_steps=args.uncached_steps,
     )
     threads = args.threads or available_cores()
     ctx = SuiteContext(profile="full", out_dir=args.out, threads=threads, log=_log)

@@ -21,10 +21,12 @@ from benchmarks.common import peak_rss_bytes
 TASKS: dict[str, str] = {
     "accuracy_train": "benchmarks.accuracy:train_task",
     "convergence_snr": "benchmarks.convergence:snr_task",
+    "convergence_cache": "benchmarks.convergence:cache_task",
     "convergence_train": "benchmarks.convergence:train_task",
     "bandwidth": "benchmarks.layers:bandwidth_task",
     "layer_exact": "benchmarks.layers:exact_task",
     "layer_filtered": "benchmarks.layers:filtered_task",
+    "layer_model_file": "benchmarks.layers:model_file_task",
     "ort_train": "benchmarks.training:ort_task",
     "torch_train": "benchmarks.training:torch_task",
 }

@@ -128,6 +128,17 @@ def test_convergence_quick(tmp_path: Path) -> None:
     # Same seed, same batches and weights: only the gradients differ, so the curves must too.
     exact, filtered = group["runs"]["exact"][0]["curve"], group["runs"]["r2"][0]["curve"]
     assert [p["train_loss"] for p in exact[1:]] != [p["train_loss"] for p in filtered[1:]]
+    # Filtering changes only the backward: exact and r=2 share one prefix model, so one cache build.
+    caches = group["caches"]
+    assert caches["exact"]["prefix_sha256"] == caches["r2"]["prefix_sha256"]
+    for key, variant in group["variants"].items():
+        build = caches[key]["train_build_s"]
+        for point, seconds in zip(variant["reached"], variant["seconds_to_target"]["cached"], strict=True):
+            assert seconds is None if point is None else seconds == build + point["s"]
+        # The same seed through the whole graph follows the cached curve (weights agree to ~1e-6).
+        (check,) = variant["agreement"]
+        assert check["evals"] == settings["uncached_steps"] // settings["eval_every"] + 1, check
+        assert check["max_accuracy_difference"] <= 0.01, check
     layers = group["snr"]["r2"]["layers"]
     assert len(layers) == 2 and all(layer["r"] == 2 for layer in layers)
     for layer in layers:
