@@ -6,8 +6,13 @@ output tensors (same names, same readers):
 - `ReluGrad(dY, X)`: Where(X > 0, dY, 0).
 - `Scale(x, s)`: x * s, or x / s with `scale_down`.
 - `FusedMatMul(A, B)`: MatMul of the (optionally transposed) operands, times alpha.
-- `PassThrough(x_1..x_k)`: k Identity nodes. ORT's PassThrough only aliased its inputs to order
-  the forward (see save_early); plain ORT removes Identity nodes, so that ordering is not kept.
+- `PassThrough(x, s_1..s_k)`: save_early's barrier, which makes x's forward readers wait for the
+  summaries s_i (see save_early). Separate Identity nodes would lose that ordering (no Identity
+  reads the s_i, and ORT removes Identity nodes anyway); so x's alias is `Reshape(x, shape + z)`,
+  where z is an int64 0 summed over an empty slice of every s_i. The Reshape aliases x (no copy),
+  the shape stays x's static shape, z is exactly 0 whatever the s_i hold (no element is read, so
+  not even a NaN reaches it), and ORT folds none of it: z is not a constant. The s_i's aliases are
+  Identity nodes. Measured by `benchmarks.portable_order`.
 - `ConcatTraining(x_1..x_k)`: Concat, plus the constant per-input lengths along the axis.
 - `SplitTraining(x, split)`: Split.
 - `InPlaceAccumulatorV2(buffer, grad, reset)`: a pure training step does not accumulate across
@@ -29,6 +34,8 @@ from .names import NameAllocator
 STAGE: Stage = "lower"
 REQUIRES: tuple[str, ...] = ()
 FACTS: tuple[str, ...] = ()
+# Local name of the Reshape that carries a lowered PassThrough's ordering (its node is "<scope>/ordered").
+ORDERED_ALIAS = "ordered"
 
 
 def run(graph: gs.Graph, plan: Plan) -> gs.Graph:
@@ -95,11 +102,33 @@ def _swap_last_axes(emit: Emitter, local: str, tensor: gs.Tensor, node: gs.Node)
 
 
 def _pass_through(emit: Emitter, node: gs.Node) -> None:
-    sources = list(node.inputs)
-    outputs = detach(node)
-    for index, (source, out) in enumerate(zip(sources, outputs, strict=True)):
+    source, *summaries = node.inputs
+    source_alias, *summary_aliases = detach(node)
+    for index, (summary, out) in enumerate(zip(summaries, summary_aliases, strict=True), start=1):
         if out is not None:
-            emit.op("Identity", f"alias_{index}", [source], into=out)
+            emit.op("Identity", f"alias_{index}", [summary], into=out)
+    if source_alias is None:
+        return
+    if not summaries:
+        emit.op("Identity", "alias_0", [source], into=source_alias)
+        return
+    shape = static_shape(source, f"PassThrough {node.name!r}")
+    zero = None
+    for index, summary in enumerate(summaries, start=1):
+        term = _zero_read_from(emit, index, summary)
+        zero = term if zero is None else emit.op("Add", f"zero_upto_{index}", [zero, term], (), dtype=np.int64)
+    ordered_shape = emit.op("Add", "ordered_shape", [emit.ints(shape), zero], (len(shape),), dtype=np.int64)
+    emit.op("Reshape", ORDERED_ALIAS, [source, ordered_shape], into=source_alias)
+
+
+def _zero_read_from(emit: Emitter, index: int, tensor: gs.Tensor) -> gs.Variable:
+    """An int64 scalar 0 that only a node run after `tensor` can produce: the sum of an empty slice of it."""
+    known = tensor.shape is not None and all(isinstance(d, int) and d >= 0 for d in tensor.shape)
+    size = (int(np.prod(tensor.shape, dtype=np.int64)),) if known else None
+    flat = emit.op("Reshape", f"flat_{index}", [tensor, emit.ints([-1])], size, dtype=tensor.dtype)
+    empty = emit.op("Slice", f"empty_{index}", [flat, emit.ints([0]), emit.ints([0])], (0,), dtype=tensor.dtype)
+    count = emit.op("Cast", f"empty_i64_{index}", [empty], (0,), dtype=np.int64, attrs={"to": onnx.TensorProto.INT64})
+    return emit.op("ReduceSum", f"zero_{index}", [count], (), dtype=np.int64, attrs={"keepdims": 0})
 
 
 def _concat_training(emit: Emitter, node: gs.Node) -> None:
