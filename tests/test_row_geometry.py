@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, reject, settings
 from hypothesis import strategies as st
 
 from passes.row_geometry import (
@@ -136,35 +138,59 @@ def _run_banded_1d(geometry: RowGraph, x: np.ndarray, weights: list[np.ndarray],
     return np.concatenate(pieces)
 
 
-_row_ops = st.builds(
-    lambda k, s, d, top, extra: RowOp(k, s, d, min(top, d * (k - 1)), min(extra, d * (k - 1))),
-    st.integers(1, 5),
-    st.integers(1, 3),
-    st.integers(1, 3),
-    st.integers(0, 4),
-    st.integers(0, 4),
-)
+def _row_ops(kernel: int, stride: int, dilation: int, pad: int, *, beyond_reach: bool) -> st.SearchStrategy[RowOp]:
+    """RowOps up to the given sizes. Pads stop at the kernel's reach unless `beyond_reach`: then whole
+    output rows can read only padding."""
+
+    def build(k: int, s: int, d: int, top: int, bottom: int) -> RowOp:
+        if not beyond_reach:
+            top, bottom = min(top, d * (k - 1)), min(bottom, d * (k - 1))
+        return RowOp(k, s, d, top, bottom)
+
+    return st.builds(
+        build,
+        st.integers(1, kernel),
+        st.integers(1, stride),
+        st.integers(1, dilation),
+        st.integers(0, pad),
+        st.integers(0, pad),
+    )
+
+
+@dataclass(frozen=True)
+class _Chain:
+    geometry: RowGraph
+    weights: list[np.ndarray]  # each op's taps
+    x: np.ndarray
+    expected: np.ndarray  # the chain's full, unbanded execution on x
+    bands: int
+
+
+@st.composite
+def _chains(draw, ops: st.SearchStrategy[RowOp], max_ops: int, heights: st.SearchStrategy[int]) -> _Chain:
+    """A linear chain of `ops` on a random input, its full 1-D execution and a band count."""
+    chain_ops = draw(st.lists(ops, min_size=1, max_size=max_ops))
+    height = draw(heights)
+    try:
+        geometry = RowGraph.linear(chain_ops, height)
+    except ValueError:
+        reject()  # the chain reads more rows than the input has
+    assume(geometry.out_height >= 1)
+    rng = np.random.default_rng(0)
+    weights = [rng.standard_normal(op.kernel) for op in chain_ops]
+    x = rng.standard_normal(height)
+    expected = x
+    for op, taps in zip(chain_ops, weights, strict=True):
+        expected = _conv1d(expected, op, taps, op.pad_top, op.pad_bottom)
+    return _Chain(geometry, weights, x, expected, draw(st.integers(1, min(geometry.out_height, 9))))
 
 
 @settings(max_examples=150, deadline=None)
-@given(ops=st.lists(_row_ops, min_size=1, max_size=5), height=st.integers(8, 120), data=st.data())
-def test_banded_execution_equals_full_execution_1d(ops: list[RowOp], height: int, data) -> None:
-    try:
-        geometry = RowGraph.linear(ops, height)
-    except ValueError:
-        return  # the chain reads more rows than the input has
-    if geometry.out_height < 1:
-        return
-    rng = np.random.default_rng(0)
-    weights = [rng.standard_normal(op.kernel) for op in ops]
-    x = rng.standard_normal(height)
-    expected = x
-    for op, taps in zip(ops, weights, strict=True):
-        expected = _conv1d(expected, op, taps, op.pad_top, op.pad_bottom)
-    bands = data.draw(st.integers(1, min(geometry.out_height, 9)))
+@given(chain=_chains(_row_ops(5, 3, 3, 4, beyond_reach=False), max_ops=5, heights=st.integers(8, 120)))
+def test_banded_execution_equals_full_execution_1d(chain: _Chain) -> None:
     for strategy in ("overl", "2ps"):
-        got = _run_banded_1d(geometry, x, weights, bands, strategy)
-        np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-10)
+        got = _run_banded_1d(chain.geometry, chain.x, chain.weights, chain.bands, strategy)
+        np.testing.assert_allclose(got, chain.expected, rtol=1e-10, atol=1e-10)
 
 
 def test_a_band_of_one_padding_row_reads_nothing() -> None:
@@ -179,31 +205,10 @@ def test_a_band_of_one_padding_row_reads_nothing() -> None:
     assert padding_only_reads(schedule(geometry, 5, "overl")) == []
 
 
-# Pads up to two rows beyond the kernel's reach: whole output rows that read only padding.
-_padded_row_ops = st.builds(
-    lambda k, s, d, top, bottom: RowOp(k, s, d, top, bottom),
-    st.integers(1, 3),
-    st.integers(1, 2),
-    st.integers(1, 2),
-    st.integers(0, 3),
-    st.integers(0, 3),
-)
-
-
 @settings(max_examples=150, deadline=None)
-@given(ops=st.lists(_padded_row_ops, min_size=1, max_size=4), height=st.integers(4, 40), data=st.data())
-def test_padding_only_reads_are_exactly_the_bands_that_read_no_rows(ops: list[RowOp], height: int, data) -> None:
-    try:
-        geometry = RowGraph.linear(ops, height)
-    except ValueError:
-        return  # the chain reads more rows than the input has
-    rng = np.random.default_rng(0)
-    weights = [rng.standard_normal(op.kernel) for op in ops]
-    x = rng.standard_normal(height)
-    expected = x
-    for op, taps in zip(ops, weights, strict=True):
-        expected = _conv1d(expected, op, taps, op.pad_top, op.pad_bottom)
-    bands = data.draw(st.integers(1, min(geometry.out_height, 9)))
+@given(chain=_chains(_row_ops(3, 2, 2, 3, beyond_reach=True), max_ops=4, heights=st.integers(4, 40)))
+def test_padding_only_reads_are_exactly_the_bands_that_read_no_rows(chain: _Chain) -> None:
+    geometry, bands = chain.geometry, chain.bands
     for strategy in ("overl", "2ps"):
         plan = schedule(geometry, bands, strategy)
         # Brute force: a band's rows of a node have no input rows to slice when every padded row from
@@ -221,8 +226,8 @@ def test_padding_only_reads_are_exactly_the_bands_that_read_no_rows(ops: list[Ro
                     empty.append((j, index))
         assert padding_only_reads(plan) == empty
         if not empty:  # every band reads rows: the banded execution is exact
-            got = _run_banded_1d(geometry, x, weights, bands, strategy)
-            np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-10)
+            got = _run_banded_1d(geometry, chain.x, chain.weights, bands, strategy)
+            np.testing.assert_allclose(got, chain.expected, rtol=1e-10, atol=1e-10)
 
 
 def test_residual_geometry_two_strategies() -> None:
