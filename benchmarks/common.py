@@ -156,8 +156,12 @@ def run_worker(
     *,
     env: dict[str, str] | None = None,
     timeout: float = 1200.0,
+    python: str | None = None,
 ) -> dict[str, Any]:
     """Run one configuration in a fresh `python -m benchmarks.worker` process and return its result.
+
+    `python`: the interpreter (default: this one), e.g. a venv with plain onnxruntime for tasks
+    that need only numpy and onnxruntime.
 
     A fresh process per configuration keeps allocator state, thread pools, kernel caches and
     the peak-RSS counter of one configuration from leaking into the next.
@@ -172,7 +176,7 @@ def run_worker(
             "-c",
             '"$@"; exit $?',
             "sh",
-            sys.executable,
+            python or sys.executable,
             "-m",
             "benchmarks.worker",
             task,

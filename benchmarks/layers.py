@@ -195,7 +195,7 @@ def _before_reshape(tensor):
 # --------------------------------------------------------------------------------------
 
 
-def _session(model, threads: int):
+def _session(model_bytes: bytes, threads: int, profile_prefix: str | None = None):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -204,7 +204,10 @@ def _session(model, threads: int):
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
+    return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
 
 
 def _bound_runner(session, feeds: dict) -> tuple[Callable[[], None], dict]:
@@ -227,7 +230,15 @@ def _bound_runner(session, feeds: dict) -> tuple[Callable[[], None], dict]:
 
 
 def _time_model(model, feeds: dict, params: dict) -> dict[str, Any]:
-    session = _session(model, params["threads"])
+    result = _time_serialized(model.SerializeToString(), feeds, params)
+    result["ops"] = sorted({node.op_type for node in model.graph.node})
+    return result
+
+
+def _time_serialized(model_bytes: bytes, feeds: dict, params: dict) -> dict[str, Any]:
+    """Time bound runs of the model; with `params["profile_runs"]`, then profile that many runs in a
+    second session and add ORT's per-op-type kernel time (ms per run) as `op_ms`."""
+    session = _session(model_bytes, params["threads"])
     run, outputs = _bound_runner(session, feeds)
     times = repeat_timed(
         run,
@@ -236,13 +247,58 @@ def _time_model(model, feeds: dict, params: dict) -> dict[str, Any]:
         min_time_s=params["min_time_s"],
         max_reps=params["max_reps"],
     )
-    return {
+    result = {
         "stats": timing_stats(times),
-        "ops": sorted({node.op_type for node in model.graph.node}),
         "inputs": {name: list(array.shape) for name, array in feeds.items()},
         "outputs": {name: list(array.shape) for name, array in outputs.items()},
         "threads": params["threads"],
     }
+    if params.get("profile_runs"):
+        result["op_ms"] = _kernel_time_by_op(model_bytes, feeds, params)
+    return result
+
+
+def _kernel_time_by_op(model_bytes: bytes, feeds: dict, params: dict) -> dict[str, float]:
+    """ORT's profiler: kernel time per op type, in ms per run (after one unprofiled warm-up run)."""
+    import json
+    import tempfile
+
+    runs = params["profile_runs"]
+    with tempfile.TemporaryDirectory(prefix="gf-layer-profile-") as folder:
+        session = _session(model_bytes, params["threads"], profile_prefix=str(Path(folder) / "profile"))
+        # Plain runs: ORT 1.19 aborts in its arena when a profiling session runs with IO binding.
+        for _ in range(runs + 1):
+            session.run(None, feeds)
+        events = json.loads(Path(session.end_profiling()).read_text())
+    totals: dict[str, float] = {}
+    kernel_runs: dict[str, int] = {}
+    for event in events:
+        if event.get("cat") != "Node" or not event["name"].endswith("_kernel_time"):
+            continue
+        op = event["args"]["op_name"]
+        totals[op] = totals.get(op, 0.0) + event["dur"] / 1e3
+        kernel_runs[event["name"]] = kernel_runs.get(event["name"], 0) + 1
+    profiled = max(kernel_runs.values(), default=1)  # the warm-up run is profiled too
+    return {op: ms / profiled for op, ms in sorted(totals.items(), key=lambda item: -item[1])}
+
+
+def model_file_task(params: dict) -> dict[str, Any]:
+    """Time an exported backward model (`params["model"]`, an .onnx file) on standard-normal inputs.
+
+    Needs only numpy and onnxruntime, so it runs under any interpreter that has them (a plain
+    onnxruntime venv, see benchmarks.layers_portable) and reads the inputs' shapes from the session.
+    """
+    import numpy as np
+    import onnxruntime
+
+    model_bytes = Path(params["model"]).read_bytes()
+    session = _session(model_bytes, params["threads"])
+    rng = np.random.default_rng(0)
+    feeds = {value.name: rng.standard_normal(value.shape, dtype=np.float32) for value in session.get_inputs()}
+    del session
+    result = _time_serialized(model_bytes, feeds, params)
+    result["onnxruntime"] = onnxruntime.__version__
+    return result
 
 
 def exact_task(params: dict) -> dict[str, Any]:
@@ -338,7 +394,7 @@ def bandwidth_task(params: dict) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------
 
 
-def _aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
+def aggregate_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The processes of one configuration: the reported time is the median of their medians."""
     medians = [run["stats"]["median_s"] for run in runs]
     median = statistics.median(medians)
@@ -367,8 +423,8 @@ def _measure_shape(ctx: SuiteContext, base: dict[str, Any]) -> tuple[dict[str, A
     for _ in range(ctx.repeat):
         for key, task, params in configs:
             runs[key].append(run_worker(task, params))
-    exact = _aggregate(runs.pop("exact"))
-    return exact, {key: _aggregate(key_runs) for key, key_runs in runs.items()}
+    exact = aggregate_runs(runs.pop("exact"))
+    return exact, {key: aggregate_runs(key_runs) for key, key_runs in runs.items()}
 
 
 def run(ctx: SuiteContext) -> SuiteResult:
