@@ -49,6 +49,13 @@ def compile_parser() -> argparse.ArgumentParser:
         help="accept an IR version > 10 or opset 22 (newer than onnxruntime-training 1.19 takes) by lowering it; "
         "the full ONNX checker then verifies the lowered model",
     )
+    parser.add_argument(
+        "--no-portable",
+        dest="portable",
+        action="store_false",
+        help="write no portable train step (plain onnxruntime); for a model with an op the lowering does not "
+        "handle, the artifacts then train with onnxruntime-training only",
+    )
     layers = parser.add_argument_group("which layers train")
     layers.add_argument("--filter-layers", type=int, default=0, help="gradient-filter the last N conv layers")
     layers.add_argument(
@@ -327,6 +334,7 @@ def _compile(args: argparse.Namespace) -> int:
         force=args.force,
         downconvert=args.downconvert,
         feature_cache=args.feature_cache,
+        portable=args.portable,
     )
     config.check()
     if args.verbose:

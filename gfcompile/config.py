@@ -35,6 +35,7 @@ class CompileConfig:
     force: bool = False
     downconvert: bool = False  # lower an IR version / opset newer than ORT 1.19 takes, where that is exact
     feature_cache: bool = False  # also write the frozen prefix and the tail's models (gfcompile/prefix_split.py)
+    portable: bool = True  # also write the portable train step (standard ONNX ops); off: onnxruntime-training only
 
     def resolved_train_layers(self) -> int:
         if self.train_layers is not None:
@@ -49,6 +50,8 @@ class CompileConfig:
             del data["downconvert"]  # recorded only when used, so ordinary manifests stay as they were
         if not self.feature_cache:
             del data["feature_cache"]
+        if self.portable:
+            del data["portable"]  # recorded only when turned off, as the two above
         return data
 
     def check(self) -> None:

@@ -24,8 +24,10 @@ from passes import (
     lower_activations,
     lower_batchnorm,
     lower_conv_grad,
+    lower_index_grad,
     lower_loss_grad,
     lower_pool_grad,
+    lower_softmax_grad,
     lower_training_ops,
     row_recompute,
     row_tiling,
@@ -76,6 +78,8 @@ LOWER_PASSES = (
     lower_batchnorm,
     lower_activations,
     lower_loss_grad,
+    lower_index_grad,
+    lower_softmax_grad,
     lower_training_ops,
 )
 
@@ -113,7 +117,7 @@ def compile_model(model_path: Path, config: CompileConfig, report: Reporter = pr
         report("building the backward graph with onnxruntime-training ...")
         train = build_backward(forward, plan, config, staging)
         train.training = run_passes(TRAINING_PASSES, train.training, plan, stage="training")
-        portable = build_portable_step(train, plan, config, report)
+        portable = build_portable_step(train, plan, config)
         train.shapes = layer_shapes_to_record(train.eval, model, forward)
         write_artifacts(train, plan, config, model_path, costs, portable, feature_cache)
         report("opening the compiled models in onnxruntime ...")
@@ -123,20 +127,34 @@ def compile_model(model_path: Path, config: CompileConfig, report: Reporter = pr
     return config.output_dir
 
 
-def build_portable_step(
-    train: TrainingModels, plan: Plan, config: CompileConfig, report: Reporter
-) -> train_step.PortableModels | None:
-    """The portable train step (standard ONNX ops, for plain onnxruntime), or None with a note naming
-    the op when the training graph has one that no lower pass handles yet: the artifacts still train
-    with onnxruntime-training, and the portable runtime refuses them in one line."""
+def build_portable_step(train: TrainingModels, plan: Plan, config: CompileConfig) -> train_step.PortableModels | None:
+    """The portable train step (standard ONNX ops, for plain onnxruntime), or None with --no-portable.
+
+    A training-graph op that no lower pass handles fails the compile in one line naming it and the
+    way out (--no-portable: artifacts for onnxruntime-training only); never a silent fallback."""
+    if not config.portable:
+        return None
     try:
         lowered = run_passes(LOWER_PASSES, train_step.with_shapes(train.training), plan, stage="lower")
-        return train_step.build_portable(lowered, train, plan.trainable_params, config)
     except GfError as exc:
-        if "internal error" in str(exc):  # a bug, not a missing lowering: never hidden behind a note
+        if "internal error" in str(exc):  # a bug in a lower pass, not an op it refuses
             raise
-        report(f"note: no portable train step (these artifacts need onnxruntime-training): {exc}")
-        return None
+        raise GfError(f"{exc}; {_NO_PORTABLE_HINT}") from None
+    unlowered = [node for node in lowered.graph.node if not _standard_op(node)]
+    if unlowered:
+        node = unlowered[0]
+        raise GfError(
+            f"cannot lower {node.op_type} {node.name!r} to standard ONNX ops for the portable train step; "
+            f"{_NO_PORTABLE_HINT}"
+        )
+    return train_step.build_portable(lowered, train, plan.trainable_params, config)
+
+
+_NO_PORTABLE_HINT = "compile with --no-portable to write artifacts for onnxruntime-training only"
+
+
+def _standard_op(node: onnx.NodeProto) -> bool:
+    return node.domain in ("", "ai.onnx") and onnx.defs.has(node.op_type)
 
 
 def write_artifacts(
@@ -180,7 +198,7 @@ def compile_tail(
     save_model(split.prefix, staging / prefix_split.PREFIX_MODEL)
     tail = build_backward(split.tail, plan, config, staging / prefix_split.TAIL_DIRECTORY)
     tail.training = run_passes(TRAINING_PASSES, tail.training, plan, stage="training")
-    portable = build_portable_step(tail, plan, config, report)
+    portable = build_portable_step(tail, plan, config)
     write_artifacts(tail, plan, config, source, costs, portable)
     return FeatureCacheSpec(
         prefix_model=prefix_split.PREFIX_MODEL,

@@ -267,9 +267,10 @@ def test_an_op_without_lowering_is_named_in_one_line(tmp_path) -> None:
     from gfcompile.train_step import check_standard_ops
 
     inputs = {"dy": ((2, 3), TensorProto.FLOAT), "x": ((2, 3), TensorProto.FLOAT)}
-    node = helper.make_node("SoftmaxGrad_13", ["dy", "x"], ["dx"], domain=MS, name="softmax_backward", axis=1)
+    # TanhGrad: no CNN of the zoo or the torchvision matrix needs it, so no lower pass handles it.
+    node = helper.make_node("TanhGrad", ["dy", "x"], ["dx"], domain=MS, name="tanh_backward")
     model = run_passes(LOWER_PASSES, _model([node], inputs, ["dx"]), Plan(convs=[]), stage="lower")
-    with pytest.raises(GfError, match=r"com\.microsoft::SoftmaxGrad_13.*softmax_backward") as raised:
+    with pytest.raises(GfError, match=r"com\.microsoft::TanhGrad.*tanh_backward") as raised:
         check_standard_ops(model)
     assert "\n" not in str(raised.value)
 
