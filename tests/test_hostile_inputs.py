@@ -288,12 +288,20 @@ def train_case(data: str, *flags: str, message: str | tuple[str, ...], artifacts
     )
 
 
-def gftrain_case(data: str, *flags: str, message: str | tuple[str, ...], artifacts: str = "artifacts") -> Case:
-    return Case(
-        lambda e, out: [e[artifacts], "--data", e[data], "--steps", "2", "--checkpoint", out, *flags],
-        message,
-        module="runtime",
-    )
+def gftrain_case(
+    data: str,
+    *flags: str,
+    message: str | tuple[str, ...],
+    artifacts: str = "artifacts",
+    trusted_key: str | None = None,
+) -> Case:
+    """`trusted_key` names the env entry passed as --trusted-key."""
+
+    def args(e: dict, out: Path) -> list:
+        key = ["--trusted-key", e[trusted_key]] if trusted_key else []
+        return [e[artifacts], "--data", e[data], "--steps", "2", "--checkpoint", out, *flags, *key]
+
+    return Case(args, message, module="runtime")
 
 
 CASES: dict[str, Case] = {
@@ -359,15 +367,12 @@ CASES: dict[str, Case] = {
     "tiles and budget": compile_case(
         "model", "--train-layers", "1", "--row-tiles", "2", "--memory-budget", "10", message="not both"
     ),
-    "LSTM in trainable part": compile_case(
-        "trainable_LSTM", "--train-layers", "2", message=("'extra_lstm'", "(LSTM)", "--train-layers 1")
-    ),
-    "Loop in trainable part": compile_case(
-        "trainable_Loop", "--train-layers", "2", message=("'extra_loop'", "(Loop)", "--train-layers 1")
-    ),
-    "If in trainable part": compile_case(
-        "trainable_If", "--train-layers", "2", message=("'extra_if'", "(If)", "--train-layers 1")
-    ),
+    **{
+        f"{op} in trainable part": compile_case(
+            f"trainable_{op}", "--train-layers", "2", message=(f"'extra_{op.lower()}'", f"({op})", "--train-layers 1")
+        )
+        for op in ("LSTM", "Loop", "If")
+    },
     "contrib op in trainable part": compile_case(
         "trainable_Contrib",
         "--train-layers",
@@ -471,36 +476,15 @@ CASES: dict[str, Case] = {
     "gftrain bundle with an edited lr": gftrain_case(
         "data", artifacts="bundle_lr_edited", message="manifest.json does not match its sha256 in SHA256SUMS"
     ),
-    "gftrain poisoned checkpoint, re-hashed": Case(
-        lambda e, out: [
-            e["bundle_poisoned"],
-            "--data",
-            e["data"],
-            "--steps",
-            "2",
-            "--checkpoint",
-            out,
-            "--trusted-key",
-            e["trusted_key"],
-        ],
-        "signature does not match the trusted key",
-        module="runtime",
-    ),  # fmt: skip
-    "gftrain unsigned bundle, trusted key": Case(
-        lambda e, out: [
-            e["bundle_lr_edited"],
-            "--data",
-            e["data"],
-            "--steps",
-            "2",
-            "--checkpoint",
-            out,
-            "--trusted-key",
-            e["trusted_key"],
-        ],
-        "is not signed",
-        module="runtime",
-    ),  # fmt: skip
+    "gftrain poisoned checkpoint, re-hashed": gftrain_case(
+        "data",
+        artifacts="bundle_poisoned",
+        trusted_key="trusted_key",
+        message="signature does not match the trusted key",
+    ),
+    "gftrain unsigned bundle, trusted key": gftrain_case(
+        "data", artifacts="bundle_lr_edited", trusted_key="trusted_key", message="is not signed"
+    ),
     "bundle signed with a public key": Case(
         lambda e, out: ["bundle", e["artifacts"], "-o", out, "--sign-key", e["trusted_key"]], "not a PEM private key"
     ),
