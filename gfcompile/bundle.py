@@ -3,8 +3,11 @@
 The bundle holds the training, eval and optimizer models, the initial checkpoint, a README for the
 device, the manifest (the compile manifest plus a "bundle" entry: which model files to load, what
 the device needs), `SHA256SUMS` over every one of those files, the manifest included, and with
-`--sign-key` an Ed25519 signature of SHA256SUMS. It holds no code: the device runs the installed
-runtime (`pip install gfcompile-runtime`, see runtime/pyproject.toml), which verifies the bundle
+`--sign-key` an Ed25519 signature of SHA256SUMS. Artifacts compiled with `--feature-cache` add
+the frozen prefix model and the tail's artifacts folder (`feature_tail/`, with its own manifest),
+listed in SHA256SUMS by their paths, so `gftrain BUNDLE --cache-features` trains there too. It
+holds no code: the device runs the installed runtime (`pip install gfcompile-runtime`, see
+runtime/pyproject.toml), which verifies the bundle
 against SHA256SUMS and, given `--trusted-key`, the signature before it loads anything (see
 runtime/bundle.py). Signing uses `cryptography`'s Ed25519 rather than OpenSSF model-signing: that
 package resolves beside our pins, but brings sigstore, tuf, pydantic and a dozen more packages
@@ -124,19 +127,11 @@ def check_preprocess(spec: dict, manifest: dict) -> dict:
 
 
 def _fill(folder: Path, artifacts: Path, manifest: dict, ort_format: bool, sign_key: Path | None) -> None:
-    models = dict(DEFAULT_MODELS)
-    shutil.copy2(artifacts / DEFAULT_MODELS["eval"], folder / DEFAULT_MODELS["eval"])
-    shutil.copy2(artifacts / INITIAL_CHECKPOINT, folder / INITIAL_CHECKPOINT)
-    # The portable files (gfcompile/train_step.py) let the bundle train on plain onnxruntime too.
-    for name in portable_files(manifest):
-        shutil.copy2(artifacts / name, folder / name)
-    for role in ("training", "optimizer"):
-        source = artifacts / DEFAULT_MODELS[role]
-        if ort_format:
-            models[role] = source.with_suffix(".ort").name
-            _to_ort_format(source, folder / models[role], manifest)
-        else:
-            shutil.copy2(source, folder / models[role])
+    models = _copy_models(artifacts, folder, manifest, ort_format)
+    split = manifest.get("feature_cache")
+    if split:
+        shutil.copy2(artifacts / split["prefix_model"], folder / split["prefix_model"])
+        _fill_tail(artifacts / split["tail"], folder / split["tail"], ort_format)
     bundle_manifest = {key: value for key, value in manifest.items() if key != "files"}
     bundle_manifest["bundle"] = {
         "format": "ort" if ort_format else "onnx",
@@ -149,8 +144,9 @@ def _fill(folder: Path, artifacts: Path, manifest: dict, ort_format: bool, sign_
     (folder / "README.md").write_text(_readme(bundle_manifest))
     bundle_manifest["files"] = file_hashes(folder)
     (folder / MANIFEST).write_text(json.dumps(bundle_manifest, indent=2) + "\n")
-    # SHA256SUMS covers the manifest too: an edited learning rate fails the check like a flipped model byte.
-    listing = checksums_text(file_hashes(folder) | {MANIFEST: _sha256(folder / MANIFEST)}).encode()
+    # SHA256SUMS covers every file, the manifests included: an edited learning rate fails the
+    # check like a flipped model byte, in the tail's folder as at the top.
+    listing = checksums_text(_every_file_hash(folder)).encode()
     (folder / CHECKSUMS).write_bytes(listing)
     if sign_key is not None:
         try:
@@ -158,6 +154,57 @@ def _fill(folder: Path, artifacts: Path, manifest: dict, ort_format: bool, sign_
         except RunError as exc:
             raise GfError(str(exc)) from None
     folder.chmod(0o755)
+
+
+def _copy_models(source: Path, target: Path, manifest: dict, ort_format: bool) -> dict[str, str]:
+    """Copy one artifacts folder's models and initial checkpoint; returns the model file of each role."""
+    models = dict(DEFAULT_MODELS)
+    shutil.copy2(source / DEFAULT_MODELS["eval"], target / DEFAULT_MODELS["eval"])
+    shutil.copy2(source / INITIAL_CHECKPOINT, target / INITIAL_CHECKPOINT)
+    # The portable files (gfcompile/train_step.py) let the bundle train on plain onnxruntime too.
+    for name in portable_files(manifest):
+        shutil.copy2(source / name, target / name)
+    for role in ("training", "optimizer"):
+        model = source / DEFAULT_MODELS[role]
+        if ort_format:
+            models[role] = model.with_suffix(".ort").name
+            _to_ort_format(model, target / models[role], manifest)
+        else:
+            shutil.copy2(model, target / models[role])
+    return models
+
+
+def _fill_tail(source: Path, target: Path, ort_format: bool) -> None:
+    """The feature cache's tail (runtime/feature_cache.py) as an artifacts folder inside the bundle.
+
+    Its manifest, checked against its own files first, gains the bundle entry that says which
+    model files to load, so an ORT-format bundle trains the tail from .ort models too.
+    """
+    try:
+        manifest = load_manifest(source, verify=True)
+    except RunError as exc:
+        raise GfError(f"the feature cache's tail: {exc}") from None
+    target.mkdir()
+    models = _copy_models(source, target, manifest, ort_format)
+    tail_manifest = {key: value for key, value in manifest.items() if key != "files"}
+    tail_manifest["bundle"] = {
+        "format": "ort" if ort_format else "onnx",
+        "models": models,
+        "initial_checkpoint": INITIAL_CHECKPOINT,
+        "made_by": f"gfcompile {__version__}",
+    }
+    tail_manifest["files"] = file_hashes(target)
+    (target / MANIFEST).write_text(json.dumps(tail_manifest, indent=2) + "\n")
+    try:
+        load_manifest(target, verify=True)  # the runtime's reader accepts what the device will read
+    except RunError as exc:
+        raise GfError(f"internal error: the bundled tail's manifest does not check ({exc})") from None
+    target.chmod(0o755)
+
+
+def _every_file_hash(folder: Path) -> dict[str, str]:
+    """The sha256 of every file under `folder`, by its '/'-separated path (what `sha256sum -c` reads)."""
+    return {path.relative_to(folder).as_posix(): _sha256(path) for path in sorted(folder.rglob("*")) if path.is_file()}
 
 
 def portable_files(manifest: dict) -> list[str]:
@@ -200,6 +247,18 @@ def _to_ort_format(source: Path, target: Path, manifest: dict) -> None:
         raise GfError(f"{source.name}: onnxruntime cannot save it in ORT format ({message})") from None
     if not target.is_file():
         raise GfError(f"{source.name}: onnxruntime wrote no ORT-format model")
+
+
+def _cache_text(manifest: dict) -> str:
+    if not manifest.get("feature_cache"):
+        return ""
+    return """`--cache-features` runs the frozen prefix (`prefix_model.onnx`) once per sample and trains the
+tail (`feature_tail/`) on its cached outputs: the same weights, steps several times faster. The
+cache lives beside the checkpoint (`trained_checkpoint.features/`, or `CHECKPOINT.features` with
+`--checkpoint`; `--cache-dir` to choose), is rebuilt when the data or the prefix changes, and keeps
+`--cache-memory-mb` of features in memory. A checkpoint written with the cache resumes with it.
+
+"""
 
 
 def _readme(manifest: dict) -> str:
@@ -246,7 +305,7 @@ training goes to `trained_checkpoint` (or `--checkpoint PATH`), replaced atomica
 `--checkpoint-every` steps. After a crash or power loss, run the same command again: it resumes at
 the last checkpoint and stops at `--steps` in total, with no lost or repeated steps.
 
-`--export model.onnx` writes an inference model (batch {shape[0]}, standard ONNX ops only) that plain
+{_cache_text(manifest)}`--export model.onnx` writes an inference model (batch {shape[0]}, standard ONNX ops only) that plain
 `onnxruntime` runs; the runner checks it against the trained eval model before keeping it.
 
 Session options the runtime uses: {json.dumps(manifest.get("session_options", {}))}

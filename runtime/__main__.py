@@ -62,19 +62,13 @@ def _train(args) -> int:
     from . import training_run
     from .bundle import open_trainer
     from .data import load_data
+    from .feature_cache import cache_settings
 
     checkpoint = args.checkpoint or args.artifacts / "trained_checkpoint"
     # gftrain always continues its checkpoint: the same command after a crash resumes the run.
     start = training_run.start_checkpoint(checkpoint, None, resume=True, restart=False)
-    if args.cache_features:
-        from .bundle import is_bundle
-        from .feature_cache import open_run_trainer
-
-        if is_bundle(args.artifacts):
-            raise RunError(f"{args.artifacts}: --cache-features trains a compiled artifacts folder, not a bundle yet")
-        trainer = open_run_trainer(args.artifacts, start, None, checkpoint, args)
-    else:
-        trainer = open_trainer(args.artifacts, checkpoint=start, trusted_key=args.trusted_key)
+    cache = cache_settings(args, checkpoint)
+    trainer = open_trainer(args.artifacts, checkpoint=start, trusted_key=args.trusted_key, cache=cache)
     training_run.check_outputs(trainer, checkpoint, args.export)
     data = load_data(args.data, trainer.manifest, allow_nonfinite=args.skip_nonfinite)
     options = training_run.RunOptions(

@@ -1,8 +1,10 @@
 """Device bundles: verified against what the device trusts, before any of their files is parsed.
 
 A bundle (written by `gfcompile bundle`) holds data only: the training, eval and optimizer
-models, the initial checkpoint, `manifest.json`, a README, `SHA256SUMS` (the sha256 of every one of
-those files, the manifest included) and, when signed, `SHA256SUMS.sig` (Ed25519 over SHA256SUMS).
+models, the initial checkpoint, `manifest.json`, a README, for artifacts compiled with
+`--feature-cache` the prefix model and the tail's artifacts folder, `SHA256SUMS` (the sha256 of
+every one of those files by its path, the manifests included) and, when signed, `SHA256SUMS.sig`
+(Ed25519 over SHA256SUMS).
 The code that checks it is the installed runtime (`pip install gfcompile-runtime`), never the
 bundle: nothing in a bundle is imported, and the runner never puts the bundle's folder on the
 import path. A bundle is refused when a listed file is missing or differs, when it holds a file
@@ -11,7 +13,9 @@ the signature is missing or does not match. The chain is signature -> SHA256SUMS
 models, so an edited learning rate or a re-hashed poisoned checkpoint fails before ORT loads a byte.
 
 The only files the runner itself adds to a bundle are its default training state:
-`trained_checkpoint` and that checkpoint's side files (temporary file, momentum buffers).
+`trained_checkpoint` and that checkpoint's side files (temporary file, momentum buffers), and
+with `--cache-features` the feature cache beside it, `trained_checkpoint.features/` (unless
+`--checkpoint` or `--cache-dir` put them elsewhere, as a read-only bundle needs).
 """
 
 from __future__ import annotations
@@ -19,12 +23,13 @@ from __future__ import annotations
 import re
 import sys
 from collections.abc import Callable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
 from . import checkpoints, signing
 from .errors import RunError
+from .feature_cache import CachedTrainer, CacheSettings, default_directory
 from .trainer import DEFAULT_MODELS, MANIFEST, Trainer, load_manifest, model_files, sha256_file
 
 INITIAL_CHECKPOINT = "checkpoint"
@@ -35,8 +40,13 @@ MAX_CHECKSUMS_BYTES = 1 << 20
 MAX_SIGNATURE_BYTES = 1024
 # What `Trainer.save(BUNDLE/trained_checkpoint)` writes: the checkpoint, its record, momentum buffers, temporaries.
 DEVICE_STATE = checkpoints.companion_files(TRAINED_CHECKPOINT)
-# `sha256sum` format: 64 hex digits, two spaces (or space and '*'), a flat file name.
-CHECKSUM_LINE = re.compile(r"^([0-9a-f]{64}) [ *]([A-Za-z0-9_][A-Za-z0-9._-]*)$")
+# The default feature cache folder (beside trained_checkpoint): device state too, never listed; it
+# is checked by its own key and content hash (runtime/feature_cache.py) and nothing in it is imported.
+DEVICE_CACHE = default_directory(Path(TRAINED_CHECKPOINT)).name
+# `sha256sum` format: 64 hex digits, two spaces (or space and '*'), a file name, or a path inside
+# the bundle whose every part starts with a letter, digit or '_' (so never '..', never absolute).
+PATH_PART = r"[A-Za-z0-9_][A-Za-z0-9._-]*"
+CHECKSUM_LINE = re.compile(rf"^([0-9a-f]{{64}}) [ *]({PATH_PART}(?:/{PATH_PART})*)$")
 
 
 def is_bundle(directory: Path) -> bool:
@@ -71,17 +81,7 @@ def verify_bundle(
     expected = _parse_checksums(listing, directory)
     if MANIFEST not in expected:
         raise RunError(f"{directory}: {CHECKSUMS} does not list {MANIFEST}; copy the whole bundle again")
-    for path in sorted(directory.iterdir()):  # flat: a folder is itself an unlisted entry
-        name = path.name
-        if name in expected or name in (CHECKSUMS, SIGNATURE):
-            continue
-        if DEVICE_STATE.match(name) and path.is_file() and not path.is_symlink():
-            continue
-        kind = "folder" if path.is_dir() else "file"
-        raise RunError(
-            f"{directory}: the {kind} {name} is not listed in {CHECKSUMS}; a bundle holds only the files it lists "
-            "(remove it, or copy the bundle again)"
-        )
+    _refuse_unlisted(directory, expected)
     for name, digest in expected.items():
         path = directory / name
         if path.is_symlink() or (path.exists() and not path.is_file()):
@@ -99,10 +99,46 @@ def verify_bundle(
         notice(f"gfcompile: notice: {unchecked}")
 
 
+def _refuse_unlisted(directory: Path, expected: dict[str, str]) -> None:
+    """Refuse any entry that SHA256SUMS does not list: a file, or a folder that holds no listed file.
+
+    Listed folders (the feature cache's tail) are walked too; the device's own state (its
+    checkpoint files and default feature cache, at the top) is the one exception.
+    """
+    folders = {parent.as_posix() for name in expected for parent in PurePosixPath(name).parents} - {"."}
+    pending = [directory]
+    while pending:
+        folder = pending.pop()
+        for path in sorted(folder.iterdir()):
+            name = path.relative_to(directory).as_posix()
+            if name in expected or name in (CHECKSUMS, SIGNATURE):
+                continue  # checked against its sha256 (or the signature) next
+            top = folder == directory
+            if top and DEVICE_STATE.match(name) and path.is_file() and not path.is_symlink():
+                continue
+            if top and name == DEVICE_CACHE and path.is_dir() and not path.is_symlink():
+                continue
+            if name in folders and path.is_dir() and not path.is_symlink():
+                pending.append(path)
+                continue
+            kind = "folder" if path.is_dir() else "file"
+            raise RunError(
+                f"{directory}: the {kind} {name} is not listed in {CHECKSUMS}; a bundle holds only the files it "
+                "lists (remove it, or copy the bundle again)"
+            )
+
+
 def open_trainer(
-    directory: Path, checkpoint: Path | None = None, lr: float | None = None, trusted_key: Path | None = None
-) -> Trainer:
-    """Verify the bundle (or the artifacts' hashes), then load it; nothing is parsed before the checks."""
+    directory: Path,
+    checkpoint: Path | None = None,
+    lr: float | None = None,
+    trusted_key: Path | None = None,
+    cache: CacheSettings | None = None,
+) -> Trainer | CachedTrainer:
+    """Verify the bundle (or the artifacts' hashes), then load it; nothing is parsed before the checks.
+
+    With `cache`, the trainer trains the tail on cached prefix features (runtime/feature_cache.py).
+    """
     directory = Path(directory)
     if not directory.is_dir():
         raise RunError(f"{directory}: no such artifacts folder or bundle")
@@ -113,7 +149,14 @@ def open_trainer(
     manifest = load_manifest(directory, verify=False)
     if "bundle" in manifest and not is_bundle(directory):
         raise RunError(f"{directory}: a bundle without {CHECKSUMS} (made by an older gfcompile?); bundle it again")
-    return Trainer(directory, checkpoint=checkpoint, lr=lr)
+    if cache is None:
+        return Trainer(directory, checkpoint=checkpoint, lr=lr)
+    if "bundle" in manifest and not manifest.get("feature_cache"):
+        raise RunError(
+            f"{directory}: this bundle has no frozen-prefix split for --cache-features; compile with "
+            "gfcompile --feature-cache and bundle again"
+        )
+    return CachedTrainer(directory, checkpoint, lr, cache)
 
 
 def check_inference_model(path: Path, trainer: Trainer, x: np.ndarray, y: np.ndarray, tolerance: float = 1e-4) -> float:
