@@ -53,4 +53,7 @@ if __name__ == "__main__":
     config = ClientConfig(artifacts=artifacts, train_data=train, lr=float(lr))
     arrays, metrics = client_round(config, dict(np.load(server)), json.loads(round_config))
     np.savez(out, **arrays)
-    print(json.dumps({"backend": type(Trainer(artifacts)).__name__, **metrics}))
+    import onnxruntime
+
+    where = {"python": list(sys.version_info[:2]), "onnxruntime": onnxruntime.__version__}
+    print(json.dumps({"backend": type(Trainer(artifacts)).__name__, **where, **metrics}))

@@ -500,3 +500,44 @@ def test_set_parameters_on_both_backends(artifacts: Path) -> None:
             trainer.set_parameters({name: np.zeros(3, np.float32)})
         with pytest.raises(RunError, match="'frozen.weight' is not a trainable parameter"):
             trainer.set_parameters({"frozen.weight": np.zeros(3, np.float32)})
+
+
+@pytest.mark.slow
+@pytest.mark.portable_matrix
+def test_client_round_on_python313_plain_onnxruntime(artifacts: Path, tmp_path: Path) -> None:
+    """A throwaway Python 3.13 venv with the newest plain onnxruntime, numpy and the runtime package
+    with its Flower extra (no training build, torch or onnx) runs one client round through Flower's
+    ClientApp; it equals the same round run here by the training build."""
+    import shutil
+
+    from tests.test_portable import _clean_env, _python313
+
+    env_dir = tmp_path / "py313"
+    subprocess.run([str(_python313()), "-m", "venv", str(env_dir)], check=True, env=_clean_env())
+    runtime_source = tmp_path / "runtime_source"  # a copy, so no build/ folder lands in the checkout
+    shutil.copytree(
+        ROOT / "runtime", runtime_source, ignore=shutil.ignore_patterns("__pycache__", "build", "*.egg-info")
+    )
+    install = [str(env_dir / "bin" / "python"), "-I", "-m", "pip", "install", "--quiet", "onnxruntime", "numpy"]
+    installed = subprocess.run(
+        [*install, f"{runtime_source}[federated]"], capture_output=True, text=True, env=_clean_env()
+    )
+    assert installed.returncode == 0, installed.stderr[-2000:]
+
+    np.savez(tmp_path / "server.npz", **_server_parameters(artifacts))
+    round_config = json.dumps({"server-round": 1, "local-steps": 3, "seed": 5, "proximal-mu": 0.5})
+    reports = {}
+    for backend, python in (("build", sys.executable), ("plain", env_dir / "bin" / "python")):
+        arguments = [artifacts, TRAIN, tmp_path / "server.npz", tmp_path / f"{backend}.npz", 1e-4, round_config]
+        command = [str(python), "-I", str(ROOT / "tests" / "federated_round.py"), *map(str, arguments)]
+        result = subprocess.run(command, capture_output=True, text=True, env=_clean_env(), timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        reports[backend] = json.loads(result.stdout.strip().splitlines()[-1])
+
+    assert reports["build"]["backend"] == "Trainer"
+    assert reports["plain"]["backend"] == "PortableTrainer" and reports["plain"]["python"] == [3, 13]
+    assert reports["plain"]["train-loss"] == pytest.approx(reports["build"]["train-loss"], abs=1e-5)
+    with np.load(tmp_path / "build.npz") as expected, np.load(tmp_path / "plain.npz") as actual:
+        assert sorted(actual.files) == sorted(expected.files)
+        for name in expected.files:
+            np.testing.assert_allclose(actual[name], expected[name], rtol=0, atol=1e-5, err_msg=name)
