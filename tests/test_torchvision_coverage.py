@@ -267,6 +267,28 @@ def reported(parameter: str, report: list[str]) -> bool:
     return any(parameter in line or f"{layer} frozen" in line for line in report)
 
 
+def assert_matches_autograd(
+    model, arch: Arch, names: list[str], loss: float, grads: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray
+) -> float:
+    """The compiled loss and the gradients of `names` within EXACT_TOLERANCE of float64 autograd;
+    returns the largest relative gradient error (0 for no names)."""
+    ref_loss, ref_grads = torch_step(model, arch, names, x, y)
+    assert abs(loss - ref_loss) <= EXACT_TOLERANCE * max(1.0, abs(ref_loss)), f"loss {loss} vs torch {ref_loss}"
+    errors = {name: relative_error(grads[name], ref_grads[name]) for name in names}
+    worst = max(errors, key=errors.get, default=None)
+    assert worst is None or errors[worst] <= EXACT_TOLERANCE, f"{worst}: relative error {errors[worst]:.2e}"
+    return errors[worst] if worst is not None else 0.0
+
+
+def assert_nothing_frozen_silently(path: Path, plan: dict, named: dict, report: list[str]) -> set[str]:
+    """Every parameter that PyTorch trains in the plan's region is trainable or named in a printed
+    line; returns that region's parameters."""
+    region = parameters_in_trained_region(path, plan["trainable_convs"][0], set(named))
+    silent = sorted(name for name in region - set(plan["trainable_params"]) if not reported(name, report))
+    assert not silent, f"{len(silent)} parameters torch trains are frozen without a printed reason: {silent[:5]}"
+    return region
+
+
 def check_exact(bench: Workbench, arch: Arch) -> str:
     """Loss and every trainable gradient of the exact compile against torch autograd."""
     model, _ = bench.model(arch)
@@ -274,13 +296,10 @@ def check_exact(bench: Workbench, arch: Arch) -> str:
     x, y = batch(arch)
     loss, grads, trainable = compiled_step(compiled.artifacts, x, y)
     named = dict(model.named_parameters())
+    assert trainable, "the exact compile trains nothing"
     assert set(trainable) <= set(named), f"trainable tensors that are no torch parameter: {set(trainable) - set(named)}"
-    ref_loss, ref_grads = torch_step(model, arch, trainable, x, y)
-    assert abs(loss - ref_loss) <= EXACT_TOLERANCE * max(1.0, abs(ref_loss)), f"loss {loss} vs torch {ref_loss}"
-    errors = {name: relative_error(grads[name], ref_grads[name]) for name in trainable}
-    worst = max(errors, key=errors.get)
-    assert errors[worst] <= EXACT_TOLERANCE, f"{worst}: relative error {errors[worst]:.2e}"
-    return f"{len(trainable)} tensors, max rel. error {errors[worst]:.1e}"
+    worst = assert_matches_autograd(model, arch, trainable, loss, grads, x, y)
+    return f"{len(trainable)} tensors, max rel. error {worst:.1e}"
 
 
 def check_nothing_silent(bench: Workbench, arch: Arch) -> str:
@@ -294,9 +313,7 @@ def check_nothing_silent(bench: Workbench, arch: Arch) -> str:
     assert len(set(plan["trainable_params"])) == len(plan["trainable_params"])
     for name in plan["trainable_params"]:
         assert trainer.state.parameters[name].data.shape == tuple(named[name].shape), name
-    expected = parameters_in_trained_region(path, plan["trainable_convs"][0], set(named))
-    silent = sorted(name for name in expected - set(plan["trainable_params"]) if not reported(name, compiled.report))
-    assert not silent, f"{len(silent)} parameters torch trains are frozen without a printed reason: {silent[:5]}"
+    expected = assert_nothing_frozen_silently(path, plan, named, compiled.report)
     explained = len(expected - set(plan["trainable_params"]))
     return f"{len(expected)} in region" + (f", {explained} frozen with a printed reason" if explained else "")
 
@@ -348,16 +365,9 @@ def check_legacy_default_export(bench: Workbench, arch: Arch) -> str:
         for name in trainable
         if name in named and np.array_equal(np.array(trainer.state.parameters[name].data), named[name].detach().numpy())
     ]
-    ref_loss, ref_grads = torch_step(model, arch, intact, x, y)
-    assert abs(loss - ref_loss) <= EXACT_TOLERANCE * max(1.0, abs(ref_loss)), f"loss {loss} vs torch {ref_loss}"
-    errors = {name: relative_error(grads[name], ref_grads[name]) for name in intact}
-    worst = max(errors, key=errors.get, default=None)
-    assert worst is None or errors[worst] <= EXACT_TOLERANCE, f"{worst}: relative error {errors[worst]:.2e}"
-    plan = trainer.manifest["plan"]
-    region = parameters_in_trained_region(bench.legacy_default_export(arch), plan["trainable_convs"][0], set(named))
-    silent = sorted(name for name in region - set(plan["trainable_params"]) if not reported(name, compiled.report))
-    assert not silent, f"{len(silent)} parameters torch trains are frozen without a printed reason: {silent[:5]}"
-    return f"{len(intact)} unfolded tensors" + (f", max rel. error {errors[worst]:.1e}" if worst else "")
+    worst = assert_matches_autograd(model, arch, intact, loss, grads, x, y)
+    assert_nothing_frozen_silently(bench.legacy_default_export(arch), trainer.manifest["plan"], named, compiled.report)
+    return f"{len(intact)} unfolded tensors" + (f", max rel. error {worst:.1e}" if intact else "")
 
 
 # Mode -> its check, in the order of the supported-architectures table (scripts/supported_architectures.py).
