@@ -49,6 +49,7 @@ ROW_EXACT = (
     "-k",
     "test_row_tiling_matches_untiled_or_refuses or test_tiled_forward_is_exact",
 )
+GF_PROPERTY = ("tests/test_properties.py", "-k", "test_gradient_filter_matches_reference_or_refuses")
 RELU_MASKS = ("tests/test_activation_mask.py",)
 MOMENTUM = ("tests/test_runtime.py", "-k", "test_sgd_momentum_matches_pytorch")
 
@@ -153,6 +154,24 @@ MUTANTS: tuple[Mutant, ...] = (
         r"\(i \+ top\) // R_h",
         "(i + top + 1) // R_h",
         GF_PASS,
+        count=1,
+    ),
+    Mutant(
+        "filter_refuses_everything",
+        "the gradient filter refuses every conv, with one of its documented messages",
+        "passes/**/*.py",
+        r"\bif min\(layer\.pads\) < 0:",
+        "if True:",
+        GF_PROPERTY,
+        count=1,
+    ),
+    Mutant(
+        "row_tiling_tiles_nothing",
+        "the row-tiling pass selects no chain, so tiled artifacts run untiled",
+        "passes/**/*.py",
+        r"\bchains = select_chains\(graph, plan, bands, plan\.row_strategy\)",
+        "chains = []",
+        ROW_EXACT,
         count=1,
     ),
 )
