@@ -17,13 +17,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def run_suite(suite: str, out: Path, *extra: str) -> dict:
+def run_suite(suite: str, out: Path, *extra: str, timeout: float = 300) -> dict:
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks", suite, "--profile", "quick", "--out", str(out), *extra],
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=timeout,
         check=False,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -108,7 +108,8 @@ def test_accuracy_quick(tmp_path: Path) -> None:
 
 
 def test_convergence_quick(tmp_path: Path) -> None:
-    data = run_suite("convergence", tmp_path)
+    # Five compiles-and-trainings worth of workers (cached, uncached, cache build, SNR): slower than the rest.
+    data = run_suite("convergence", tmp_path, timeout=900)
     settings = data["settings"]
     (group,) = data["groups"]
     assert (group["size"], group["n"], group["skipped"]) == (64, 2, {})
