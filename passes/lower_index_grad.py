@@ -62,13 +62,10 @@ def _forward_shape(shape_input: gs.Tensor, node: gs.Node) -> tuple[int, ...]:
     if values is not None:
         return tuple(int(v) for v in values.reshape(-1))
     producer = shape_input.inputs[0] if shape_input.inputs else None
-    if (
-        producer is not None
-        and producer.op == "Shape"
-        and "start" not in producer.attrs
-        and "end" not in producer.attrs
-    ):
-        return static_shape(producer.inputs[0], f"{node.op} {node.name!r}")
+    if producer is not None and producer.op == "Shape":
+        dims = static_shape(producer.inputs[0], f"{node.op} {node.name!r}")
+        # Shape-15's start/end select dims as a Python slice does (negative and clamped alike).
+        return dims[int(producer.attrs.get("start", 0)) : producer.attrs.get("end")]
     raise ValueError(f"cannot lower {node.op} {node.name!r}: the forward input's shape is not static")
 
 

@@ -23,13 +23,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-# mode -> CompileConfig options; "all" trains every conv (train_layers is filled in per model).
+# mode -> CompileConfig options; "all" and "tiled_all" train every conv (train_layers is filled in per model).
 MODES = {
     "last4": {"filter_layers": 0, "train_layers": 4},
     "filtered4": {"filter_layers": 4},
     "tiled4": {"filter_layers": 0, "train_layers": 4, "row_tiles": 4, "row_tile_trainable": True},
     "bn_train4": {"filter_layers": 0, "train_layers": 4, "bn_mode": "train"},
     "all": {"filter_layers": 0},
+    "tiled_all": {"filter_layers": 0, "row_tiles": 2, "row_tile_trainable": True},
 }
 
 
@@ -79,7 +80,7 @@ def scan(path: Path, mode: str, root: Path) -> dict:
     from passes.base import Plan
 
     options = dict(MODES[mode])
-    if mode == "all":
+    if mode in ("all", "tiled_all"):
         options["train_layers"] = conv_count(path)
     output = root / mode
     config = CompileConfig(**options, batch_size=2, optimizer="sgd", portable=False, output_dir=output)
