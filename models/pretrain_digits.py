@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,7 @@ DATA_DIR = ROOT / "data"
 PRETRAIN_CLASSES = [0, 1, 2, 3, 4]
 FINETUNE_CLASSES = [5, 6, 7, 8, 9]
 SEED = 0
+ARCHITECTURE = "mobilenet_v2(num_classes=10, width_mult=0.5, in_channels=1)"
 
 
 def _subset(x: np.ndarray, y: np.ndarray, classes: list[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -89,16 +91,70 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return float((pred == y).float().mean())
 
 
-def train(
+def digits_mobilenet() -> nn.Module:
+    """A fresh, randomly initialised ARCHITECTURE."""
+    return mobilenet_v2(num_classes=10, width_mult=0.5, in_channels=1)
+
+
+def make_deterministic() -> None:
+    """Single-process CPU settings under which a re-run writes the same weights on the same torch build."""
+    torch.set_num_threads(2)  # fixed thread count: float reductions stay reproducible
+    # Tiny activations/gradients of a fresh net can become denormal floats, which
+    # are very slow on x86; a profile of an early version had AdamW's sqrt()
+    # dominating the step time. Flushing them to zero costs no accuracy here.
+    torch.set_flush_denormal(True)
+
+
+def pretrain_accuracies(
+    model: nn.Module, train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray], label: str
+) -> tuple[float, float]:
+    """Eval-mode accuracy on the digits 0-4 training and test images, printed."""
+    train_acc, test_acc = (
+        accuracy(model, torch.from_numpy(preprocess(x)), torch.from_numpy(y)) for x, y in (train, test)
+    )
+    print(f"{label}: train accuracy {train_acc:.4f}, test accuracy {test_acc:.4f}")
+    return train_acc, test_acc
+
+
+def digits_metadata(
+    pretrained_on: str, script: str, size: int, accuracies: tuple[float, float], **extra: str
+) -> dict[str, str]:
+    """The exported model's metadata; `extra` entries go after the input shape (their order is in the bytes)."""
+    train_acc, test_acc = accuracies
+    return {
+        "preprocessing": json.dumps(DIGITS_PREPROCESS),
+        "num_classes": "10",
+        "pretrained_on": pretrained_on,
+        "script": script,
+        "architecture": ARCHITECTURE,
+        "input_shape": f"N,1,{size},{size}",
+        **extra,
+        "train_accuracy_0to4": f"{train_acc:.4f}",
+        "test_accuracy_0to4": f"{test_acc:.4f}",
+        "torch_version": torch.__version__,
+    }
+
+
+def fit(
+    build_model: Callable[[], nn.Module],
     x_train: np.ndarray,
     y_train: np.ndarray,
+    *,
     epochs: int,
-    batch_size: int = 16,
-    lr: float = 2e-3,
+    batch_size: int,
+    lr: float,
+    max_shift: int,
+    bn_batch_size: int,
 ) -> nn.Module:
+    """Seed, build the model, train it with AdamW and a one-cycle LR on shifted images, re-estimate BN.
+
+    The bundled weights are reproducible byte for byte only while the random draws keep their
+    order: the global seed is set before `build_model` (its initialisation and, later, Dropout
+    draw from the global generator); batch order and shifts draw from their own generator.
+    """
     torch.manual_seed(SEED)
     gen = torch.Generator().manual_seed(SEED)
-    model = mobilenet_v2(num_classes=10, width_mult=0.5, in_channels=1)
+    model = build_model()
     xt = torch.from_numpy(preprocess(x_train))
     yt = torch.from_numpy(y_train)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
@@ -114,7 +170,7 @@ def train(
             idx = perm[start : start + batch_size]
             if len(idx) < 2:  # BatchNorm in train mode needs more than one sample
                 continue
-            xb = _shift_augment(xt[idx], gen)
+            xb = _shift_augment(xt[idx], gen, max_shift=max_shift)
             loss = loss_fn(model(xb), yt[idx])
             opt.zero_grad()
             loss.backward()
@@ -122,8 +178,28 @@ def train(
             sched.step()
             total += float(loss.detach()) * len(idx)
         print(f"epoch {epoch + 1:2d}/{epochs}  loss {total / len(xt):.4f}  ({time.time() - t0:.0f}s)", flush=True)
-    recalibrate_bn(model, xt)
+    recalibrate_bn(model, xt, batch_size=bn_batch_size)
     return model.eval()
+
+
+def train(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    epochs: int,
+    batch_size: int = 16,
+    lr: float = 2e-3,
+) -> nn.Module:
+    """The bundled 64² model, from scratch."""
+    return fit(
+        digits_mobilenet,
+        x_train,
+        y_train,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        max_shift=1,
+        bn_batch_size=64,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,11 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     t0 = time.time()
-    torch.set_num_threads(2)  # fixed thread count: float reductions stay reproducible
-    # Tiny activations/gradients of a fresh net can become denormal floats, which
-    # are very slow on x86; a profile of an early version had AdamW's sqrt()
-    # dominating the step time. Flushing them to zero costs no accuracy here.
-    torch.set_flush_denormal(True)
+    make_deterministic()
     x, y = load_digits_images(size=args.size)
     x_tr, y_tr, x_te, y_te = stratified_split(x, y, test_fraction=0.25, seed=SEED)
     x_tr04, y_tr04 = _subset(x_tr, y_tr, PRETRAIN_CLASSES)
@@ -148,21 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"pretrain 0-4: {len(y_tr04)} train / {len(y_te04)} test; finetune 5-9: {len(y_tr59)} / {len(y_te59)}")
 
     model = train(x_tr04, y_tr04, epochs=args.epochs)
-    train_acc = accuracy(model, torch.from_numpy(preprocess(x_tr04)), torch.from_numpy(y_tr04))
-    test_acc = accuracy(model, torch.from_numpy(preprocess(x_te04)), torch.from_numpy(y_te04))
-    print(f"digits 0-4: train accuracy {train_acc:.4f}, test accuracy {test_acc:.4f}")
-
-    metadata = {
-        "preprocessing": json.dumps(DIGITS_PREPROCESS),
-        "num_classes": "10",
-        "pretrained_on": "sklearn digits classes 0-4",
-        "script": "models/pretrain_digits.py",
-        "architecture": "mobilenet_v2(num_classes=10, width_mult=0.5, in_channels=1)",
-        "input_shape": f"N,1,{args.size},{args.size}",
-        "train_accuracy_0to4": f"{train_acc:.4f}",
-        "test_accuracy_0to4": f"{test_acc:.4f}",
-        "torch_version": torch.__version__,
-    }
+    accuracies = pretrain_accuracies(model, (x_tr04, y_tr04), (x_te04, y_te04), "digits 0-4")
+    metadata = digits_metadata("sklearn digits classes 0-4", "models/pretrain_digits.py", args.size, accuracies)
     export_onnx(model, ONNX_PATH, input_shape=(1, 1, args.size, args.size), metadata=metadata)
 
     DATA_DIR.mkdir(parents=True, exist_ok=True)
