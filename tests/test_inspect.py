@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +18,7 @@ from gfcompile.loading import load_and_validate, pin_shapes
 from gfcompile.pipeline import compile_model
 from gfcompile.planning import select_layers
 from runtime.ort_training import training_api
+from tests.peak_memory import CAN_MEASURE, SKIP_REASON, training_step_peak_bytes
 from tests.tiny_models import ConvSpec, tiny_cnn
 from tests.zoo_helpers import ZOO_CASES, export_case
 
@@ -114,38 +113,7 @@ def test_hand_counted_tiny_net(tmp_path: Path) -> None:
     assert memory["largest_transient"] >= 2 * 2048  # at least a ReLU's 2x4x8x8 fp32 input and output
 
 
-_MEASURE_STEP = textwrap.dedent(
-    """
-    import os, sys
-    import numpy as np, onnxruntime as ort
-    sys.path.insert(0, sys.argv[2])
-    from runtime.ort_training import training_api
-
-    def status(key):
-        with open("/proc/self/status") as handle:
-            return next(int(line.split()[1]) for line in handle if line.startswith(key))
-
-    options = ort.SessionOptions()
-    options.enable_cpu_mem_arena = False
-    options.enable_mem_pattern = False
-    api = training_api()
-    state = api.CheckpointState.load_checkpoint(os.path.join(sys.argv[1], "checkpoint"))
-    module = api.Module(os.path.join(sys.argv[1], "training_model.onnx"), state, None, session_options=options)
-    module.train()
-    x = np.random.default_rng(0).standard_normal((4, 3, 128, 128)).astype(np.float32)
-    y = np.array([1, 0, 2, 3], dtype=np.int64)
-    module(x, y)  # the first step allocates the gradient buffers; measure the second
-    module.lazy_reset_grad()
-    with open("/proc/self/clear_refs", "w") as handle:
-        handle.write("5")
-    base = status("VmRSS:")
-    module(x, y)
-    print(1024 * (status("VmHWM:") - base))
-    """
-)
-
-
-@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc peak-RSS reset")
+@pytest.mark.skipif(not CAN_MEASURE, reason=SKIP_REASON)
 def test_estimate_tracks_the_measured_peak(tmp_path: Path) -> None:
     # Four 32-channel 3x3 convs at 128x128, batch 4 (2 MiB per activation and sample); the last 3 train,
     # exactly or filtered with r=4. Peak = VmHWM of a fresh process during one step, minus VmRSS before it
@@ -159,15 +127,7 @@ def test_estimate_tracks_the_measured_peak(tmp_path: Path) -> None:
         )
         artifacts = compile_model(model, config, report=lambda message: None)
         estimated[label] = peak_bytes(inspect_path(artifacts).memory)
-        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-        done = subprocess.run(
-            [sys.executable, "-c", _MEASURE_STEP, str(artifacts), str(ROOT)],
-            capture_output=True,
-            text=True,
-            env=env,
-            check=True,
-        )
-        measured[label] = int(done.stdout.strip().splitlines()[-1])
+        measured[label] = training_step_peak_bytes(artifacts, (4, 3, 128, 128), [1, 0, 2, 3])
     # Measured on this machine: exact 46.6 MB estimated / 60.7 MB measured, filtered 28.3 / 44.5; the
     # estimate leaves out ORT's own scratch buffers, so it is low by a similar amount in both.
     for label in estimated:

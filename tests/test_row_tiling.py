@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -24,11 +20,11 @@ from gfcompile.pipeline import FORWARD_PASSES
 from gfcompile.planning import select_layers
 from passes import row_recompute, row_tiling
 from runtime.ort_training import training_api
+from tests.peak_memory import CAN_MEASURE, SKIP_REASON, forward_peak_bytes, training_step_peak_bytes
 from tests.tiny_models import ConvSpec, tiny_cnn
 from tests.zoo_helpers import randomize_batchnorm, relative_error, torch
 
 nn = torch.nn
-ROOT = Path(__file__).resolve().parent.parent
 
 
 # --------------------------------------------------------------------------------------------
@@ -422,32 +418,6 @@ def test_session_options_for_tiled_artifacts() -> None:
     assert row_tiling.required_session_options(Plan(convs=[]))["enable_cpu_mem_arena"] is True
 
 
-# Peak = VmHWM after the run minus VmRSS before it, with the high-water mark reset after
-# loading. Not ru_maxrss: across fork+exec the kernel keeps the parent's (pytest's) resident
-# size as the child's ru_maxrss, and clear_refs does not reset that.
-_MEASURE = textwrap.dedent(
-    """
-    import sys
-    import numpy as np, onnxruntime as ort
-
-    def status(key):
-        with open("/proc/self/status") as handle:
-            return next(int(line.split()[1]) for line in handle if line.startswith(key))
-
-    options = ort.SessionOptions()
-    options.enable_cpu_mem_arena = False
-    options.enable_mem_pattern = False
-    session = ort.InferenceSession(sys.argv[1], options, providers=["CPUExecutionProvider"])
-    x = np.random.default_rng(0).standard_normal((1, 3, 384, 384)).astype(np.float32)
-    with open("/proc/self/clear_refs", "w") as handle:
-        handle.write("5")
-    base = status("VmRSS:")
-    session.run(None, {session.get_inputs()[0].name: x})
-    print(status("VmHWM:") - base)
-    """
-)
-
-
 def _pooled_chain() -> nn.Module:
     """Three 32-channel 3x3 convs ending in a 4x4 max-pool: the memory tests' chain."""
     return nn.Sequential(
@@ -462,7 +432,7 @@ def _pooled_chain() -> nn.Module:
     ).eval()
 
 
-@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc peak-RSS reset")
+@pytest.mark.skipif(not CAN_MEASURE, reason=SKIP_REASON)
 def test_tiled_frozen_forward_really_uses_less_memory(tmp_path: Path) -> None:
     # A 32-channel chain at 384x384 ending in a 4x4 pool: 18 MiB per intermediate untiled.
     model = _pooled_chain()
@@ -474,11 +444,7 @@ def test_tiled_frozen_forward_really_uses_less_memory(tmp_path: Path) -> None:
         forward, _, _ = _forward(path, tiles, "overl", batch=1)
         file = tmp_path / f"forward_{tiles}.onnx"
         onnx.save(forward, str(file))
-        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-        done = subprocess.run(
-            [sys.executable, "-c", _MEASURE, str(file)], capture_output=True, text=True, env=env, check=True
-        )
-        peaks[tiles] = int(done.stdout.strip().splitlines()[-1])
+        peaks[tiles] = forward_peak_bytes(file, (1, 3, 384, 384))
     assert peaks[8] < 0.5 * peaks[0], peaks
 
 
@@ -621,40 +587,7 @@ def test_recompute_runs_band_by_band_in_the_backward(exported: dict[str, Path], 
             assert following == 2 - index, (ran[position], following)
 
 
-_MEASURE_TRAINING = textwrap.dedent(
-    """
-    import os, sys
-    import numpy as np, onnxruntime as ort
-    sys.path.insert(0, sys.argv[2])
-    from runtime.ort_training import training_api
-
-    def status(key):
-        with open("/proc/self/status") as handle:
-            return next(int(line.split()[1]) for line in handle if line.startswith(key))
-
-    art = sys.argv[1]
-    options = ort.SessionOptions()
-    options.enable_cpu_mem_arena = False
-    options.enable_mem_pattern = False
-    options.enable_mem_reuse = False
-    api = training_api()
-    state = api.CheckpointState.load_checkpoint(os.path.join(art, "checkpoint"))
-    module = api.Module(os.path.join(art, "training_model.onnx"), state, None, session_options=options)
-    module.train()
-    x = np.random.default_rng(0).standard_normal((1, 3, 256, 256)).astype(np.float32)
-    y = np.array([1], dtype=np.int64)
-    module(x, y)
-    module.lazy_reset_grad()
-    with open("/proc/self/clear_refs", "w") as handle:
-        handle.write("5")
-    base = status("VmRSS:")
-    module(x, y)
-    print(status("VmHWM:") - base)
-    """
-)
-
-
-@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc peak-RSS reset")
+@pytest.mark.skipif(not CAN_MEASURE, reason=SKIP_REASON)
 @pytest.mark.parametrize("strategy", ["overl", "2ps"])
 def test_trainable_tiling_really_uses_less_memory(tmp_path: Path, strategy: str) -> None:
     # Every conv trains: untiled, the backward keeps all four 32 x 256 x 256 activations.
@@ -670,15 +603,7 @@ def test_trainable_tiling_really_uses_less_memory(tmp_path: Path, strategy: str)
         onnx.save(
             run_passes((row_recompute,), train.training, plan, stage="training"), str(out / "training_model.onnx")
         )
-        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-        done = subprocess.run(
-            [sys.executable, "-c", _MEASURE_TRAINING, str(out), str(ROOT)],
-            capture_output=True,
-            text=True,
-            env=env,
-            check=True,
-        )
-        peaks[tiles] = int(done.stdout.strip().splitlines()[-1])
+        peaks[tiles] = training_step_peak_bytes(out, (1, 3, 256, 256), [1], mem_reuse=False)
     assert peaks[8] < 0.5 * peaks[0], peaks
 
 
