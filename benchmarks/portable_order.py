@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # As the memory suite (benchmarks/training.py MEMORY_ENV): every big tensor its own mapping.
 MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 IDENTITY_STEP = "train_step_identity.onnx"
+NCHWC_SUFFIX = "_nchwc"
 
 
 @dataclass(frozen=True)
@@ -335,7 +336,8 @@ def backward_node_names(model) -> set[str]:
 def summaries_in_forward(order: list[str], chains: dict[str, list[str]], backward: set[str]) -> tuple[int, int]:
     """(how many summaries had every node of their chain run before the first backward node, how
     many had a node in the profile at all)."""
-    position = {name: index for index, name in enumerate(order)}
+    # ORT's NCHWc transformer renames the nodes it converts to "<name>_nchwc".
+    position = {name.removesuffix(NCHWC_SUFFIX): index for index, name in enumerate(order)}
     first_backward = min((position[name] for name in backward if name in position), default=None)
     if first_backward is None:
         raise ValueError("no backward node is in the profiled order")
@@ -431,7 +433,7 @@ def markdown(rows: list[dict]) -> str:
         for key, run in row["runs"].items():
             label = key.split(" @ ")[0]
             lines.append(
-                f"| {row['case']} | {run['onnxruntime']} | {label} | {run['in_forward']}/{row['summaries']} | "
+                f"| {row['case']} | {run['onnxruntime']} | {label} | {run['in_forward']}/{run['found']} | "
                 f"{run['peak_mib']:.0f} | {run['step_peak_mib']:.0f} | {run['step_ms']:.0f} |"
             )
     return "\n".join(lines) + "\n"
