@@ -246,6 +246,28 @@ def _loss_and_gradients(forward: onnx.ModelProto, plan, config: CompileConfig, d
     return loss, eval_loss, grads, train
 
 
+def _assert_tiled_training_matches_untiled(
+    path: Path, directory: Path, tiles: int, strategy: str, train_layers: int, trainable: bool
+):
+    """Training artifacts with `tiles` row bands (trainable chains too if `trainable`) give the untiled
+    compile's loss, eval loss and every gradient within 1e-5; returns the tiled training graph and plan."""
+    base, plan, config = _forward(path, 0, train_layers=train_layers)
+    tiled, tiled_plan, tiled_config = _forward(path, tiles, strategy, train_layers, trainable=trainable)
+    assert _band_nodes(tiled), "nothing was tiled"
+    x = _input(base)
+    y = np.array([1, 3], dtype=np.int64)
+    loss, eval_loss, grads, _ = _loss_and_gradients(base, plan, config, directory / "base", x, y)
+    t_loss, t_eval_loss, t_grads, train = _loss_and_gradients(
+        tiled, tiled_plan, tiled_config, directory / "tiled", x, y
+    )
+    assert abs(t_loss - loss) <= 1e-5 * max(1.0, abs(loss))
+    assert abs(t_eval_loss - eval_loss) <= 1e-5 * max(1.0, abs(eval_loss))
+    assert grads and set(t_grads) == set(grads)
+    for key, expected in grads.items():
+        assert relative_error(t_grads[key], expected) <= 1e-5, key
+    return train, tiled_plan
+
+
 @pytest.mark.parametrize(
     ("name", "tiles", "strategy", "train_layers"),
     [
@@ -259,18 +281,9 @@ def _loss_and_gradients(forward: onnx.ModelProto, plan, config: CompileConfig, d
 def test_training_artifacts_match_untiled(
     exported: dict[str, Path], tmp_path: Path, name: str, tiles: int, strategy: str, train_layers: int
 ) -> None:
-    base, plan, config = _forward(exported[name], 0, train_layers=train_layers)
-    tiled, tiled_plan, tiled_config = _forward(exported[name], tiles, strategy, train_layers=train_layers)
-    assert _band_nodes(tiled)
-    x = _input(base)
-    y = np.array([1, 3], dtype=np.int64)
-    loss, eval_loss, grads, _ = _loss_and_gradients(base, plan, config, tmp_path / "base", x, y)
-    t_loss, t_eval_loss, t_grads, train = _loss_and_gradients(tiled, tiled_plan, tiled_config, tmp_path / "tiled", x, y)
-    assert abs(t_loss - loss) <= 1e-5 * max(1.0, abs(loss))
-    assert abs(t_eval_loss - eval_loss) <= 1e-5 * max(1.0, abs(eval_loss))
-    assert grads and set(t_grads) == set(grads)
-    for key, expected in grads.items():
-        assert relative_error(t_grads[key], expected) <= 1e-5, key
+    train, _ = _assert_tiled_training_matches_untiled(
+        exported[name], tmp_path, tiles, strategy, train_layers, trainable=False
+    )
     # The frozen bands have no gradient nodes: their activations are not kept for the backward.
     band_tensors = {
         out for node in train.training.graph.node if node.name.startswith("rowtile/") for out in node.output
@@ -473,17 +486,9 @@ def test_tiled_frozen_forward_really_uses_less_memory(tmp_path: Path) -> None:
 def test_trainable_tiling_with_recompute_is_exact(
     exported: dict[str, Path], tmp_path: Path, name: str, tiles: int, strategy: str, train_layers: int
 ) -> None:
-    base, plan, config = _forward(exported[name], 0, train_layers=train_layers)
-    tiled, tiled_plan, tiled_config = _forward(exported[name], tiles, strategy, train_layers, trainable=True)
-    x = _input(base)
-    y = np.array([1, 3], dtype=np.int64)
-    loss, eval_loss, grads, _ = _loss_and_gradients(base, plan, config, tmp_path / "base", x, y)
-    t_loss, t_eval_loss, t_grads, train = _loss_and_gradients(tiled, tiled_plan, tiled_config, tmp_path / "tiled", x, y)
-    assert abs(t_loss - loss) <= 1e-5 * max(1.0, abs(loss))
-    assert abs(t_eval_loss - eval_loss) <= 1e-5 * max(1.0, abs(eval_loss))
-    for key, expected in grads.items():
-        assert relative_error(t_grads[key], expected) <= 1e-5, key
-
+    train, tiled_plan = _assert_tiled_training_matches_untiled(
+        exported[name], tmp_path, tiles, strategy, train_layers, trainable=True
+    )
     graph = gs.import_onnx(train.training)
     chains = row_recompute.tiled_bands(graph, tiled_plan.generated.chain_scopes)
     trainable_chains = {chain for chain, bands in chains.items() if any(b.backward for b in bands.values())}
