@@ -117,11 +117,16 @@ def compile_model(model_path: Path, config: CompileConfig, report: Reporter = pr
         report("building the backward graph with onnxruntime-training ...")
         train = build_backward(forward, plan, config, staging)
         train.training = run_passes(TRAINING_PASSES, train.training, plan, stage="training")
-        portable = build_portable_step(train, plan, config)
+        try:
+            portable, not_lowerable = build_portable_step(train, plan, config), None
+        except NotLowerable as exc:  # raised after the load check, whose message is more specific
+            portable, not_lowerable = None, exc
         train.shapes = layer_shapes_to_record(train.eval, model, forward)
         write_artifacts(train, plan, config, model_path, costs, portable, feature_cache)
         report("opening the compiled models in onnxruntime ...")
         check_loadable(train.directory, row_tiling.required_session_options(plan), forward, plan)
+        if not_lowerable is not None:
+            raise not_lowerable
         publish(staging, config.output_dir, force=config.force)
     report(f"wrote {config.output_dir}")
     return config.output_dir
@@ -139,18 +144,29 @@ def build_portable_step(train: TrainingModels, plan: Plan, config: CompileConfig
     except GfError as exc:
         if "internal error" in str(exc):  # a bug in a lower pass, not an op it refuses
             raise
-        raise GfError(f"{exc}; {_NO_PORTABLE_HINT}") from None
+        raise NotLowerable(f"{exc}; {_NO_PORTABLE_HINT}") from None
     unlowered = [node for node in lowered.graph.node if not _standard_op(node)]
     if unlowered:
         node = unlowered[0]
-        raise GfError(
+        raise NotLowerable(
             f"cannot lower {node.op_type} {node.name!r} to standard ONNX ops for the portable train step; "
             f"{_NO_PORTABLE_HINT}"
         )
-    return train_step.build_portable(lowered, train, plan.trainable_params, config)
+    try:
+        return train_step.build_portable(lowered, train, plan.trainable_params, config)
+    except GfError as exc:
+        if "internal error" in str(exc):
+            raise
+        raise NotLowerable(f"{exc}; {_NO_PORTABLE_HINT}") from None  # e.g. a contrib op in the eval step
 
 
 _NO_PORTABLE_HINT = "compile with --no-portable to write artifacts for onnxruntime-training only"
+
+
+class NotLowerable(GfError):
+    """The training graph has an op that no lower pass handles. The compile reports it after the
+    load check: an op that onnxruntime-training cannot run either (an LSTM's gradient) is better
+    named by that check, with the --train-layers that avoids it."""
 
 
 def _standard_op(node: onnx.NodeProto) -> bool:

@@ -4,7 +4,7 @@ standard ops only) against the training build, 2 steps, loss and every parameter
 - GatherGrad: a CNN whose trained part upsamples with nearest Resize, which legalize_resize turns
   into Gathers with repeated constant indices (every source row is read twice);
 - SliceGrad: every conv of a zoo model trained and row-tiled, where row_recompute assembles the
-  tiled chain's entry gradient with one SliceGrad;
+  tiled chain's entry gradient with one SliceGrad (`portable_matrix`: its compile takes minutes);
 - the torchvision families of the coverage matrix, last 4 convs trained (`portable_matrix`,
   deselected by default: `pytest -m portable_matrix tests/test_lower_end_to_end.py`).
 """
@@ -66,6 +66,8 @@ def test_nearest_upsample_gather_grad(tmp_path, optimizer: str) -> None:
     assert_backends_agree(artifacts, batches)
 
 
+@pytest.mark.slow
+@pytest.mark.portable_matrix
 def test_row_tiled_trainable_entry_slice_grad(tmp_path) -> None:
     from tests.zoo_helpers import ZOO_CASES, export_case
 
