@@ -145,9 +145,8 @@ def build_portable_step(train: TrainingModels, plan: Plan, config: CompileConfig
         if "internal error" in str(exc):  # a bug in a lower pass, not an op it refuses
             raise
         raise NotLowerable(f"{exc}; {_NO_PORTABLE_HINT}") from None
-    unlowered = [node for node in lowered.graph.node if not _standard_op(node)]
-    if unlowered:
-        node = unlowered[0]
+    node = train_step.first_nonstandard_op(lowered)
+    if node is not None:
         raise NotLowerable(
             f"cannot lower {node.op_type} {node.name!r} to standard ONNX ops for the portable train step; "
             f"{_NO_PORTABLE_HINT}"
@@ -167,10 +166,6 @@ class NotLowerable(GfError):
     """The training graph has an op that no lower pass handles. The compile reports it after the
     load check: an op that onnxruntime-training cannot run either (an LSTM's gradient) is better
     named by that check, with the --train-layers that avoids it."""
-
-
-def _standard_op(node: onnx.NodeProto) -> bool:
-    return node.domain in ("", "ai.onnx") and onnx.defs.has(node.op_type)
 
 
 def write_artifacts(

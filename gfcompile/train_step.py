@@ -77,13 +77,21 @@ def with_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     return onnx.shape_inference.infer_shapes(model)
 
 
+def first_nonstandard_op(model: onnx.ModelProto) -> onnx.NodeProto | None:
+    """The first node outside standard ONNX (a contrib or training op), or None."""
+    return next(
+        (node for node in model.graph.node if node.domain not in ("", "ai.onnx") or not onnx.defs.has(node.op_type)),
+        None,
+    )
+
+
 def check_standard_ops(model: onnx.ModelProto) -> None:
     """Refuse, in one line, a graph that still has an op outside standard ONNX after lowering."""
-    for node in model.graph.node:
-        if node.domain not in ("", "ai.onnx") or not onnx.defs.has(node.op_type):
-            raise GfError(
-                f"no lowering to standard ONNX for {node.domain or 'ai.onnx'}::{node.op_type} (node {node.name!r})"
-            )
+    node = first_nonstandard_op(model)
+    if node is not None:
+        raise GfError(
+            f"no lowering to standard ONNX for {node.domain or 'ai.onnx'}::{node.op_type} (node {node.name!r})"
+        )
 
 
 def checkpoint_values(checkpoint: Path, names: list[str]) -> dict[str, np.ndarray]:
