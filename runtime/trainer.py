@@ -339,7 +339,7 @@ class Trainer:
                 recent = [value for value in losses[-log_every:] if np.isfinite(value)]
                 shown = f"{float(np.mean(recent)):.4f}" if recent else "n/a"
                 print(
-                    f"step {self.step:>6}/{target}  loss {shown}  {rate:,.0f} samples/s",
+                    f"step {self.step:>6}/{target}  loss {shown}  {rate:,.{0 if rate >= 10 else 2}f} samples/s",
                     file=out,
                     flush=True,
                 )
