@@ -5,8 +5,9 @@ standard ops only) against the training build, 2 steps, loss and every parameter
   into Gathers with repeated constant indices (every source row is read twice);
 - SliceGrad: every conv of a zoo model trained and row-tiled, where row_recompute assembles the
   tiled chain's entry gradient with one SliceGrad (`portable_matrix`: its compile takes minutes);
-- the torchvision families of the coverage matrix, last 4 convs trained (`portable_matrix`,
-  deselected by default: `pytest -m portable_matrix tests/test_lower_end_to_end.py`).
+- the torchvision families of the coverage matrix, last 4 convs trained, one step, within 1e-5 of
+  the loss's and each tensor's magnitude (`portable_matrix`, deselected by default:
+  `pytest -m portable_matrix tests/test_lower_end_to_end.py`).
 """
 
 from __future__ import annotations
@@ -114,6 +115,9 @@ def test_torchvision_family_portable_step(tmp_path, name: str) -> None:
             rng.standard_normal((2, 3, arch.size, arch.size)).astype(np.float32),
             rng.integers(0, arch.classes, size=label_shape).astype(np.int64),
         )
-        for _ in range(STEPS)
+        # One step: random weights with random BN statistics give first losses up to 1e9 (Inception
+        # v3), whose update makes the second step's gradient overflow on either backend. One step
+        # runs every lowered op of the family; the optimizer across steps is the zoo cases' job.
+        for _ in range(1)
     ]
-    assert_backends_agree(artifacts, batches)
+    assert_backends_agree(artifacts, batches, scaled=True)
