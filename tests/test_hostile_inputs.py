@@ -653,6 +653,13 @@ def test_if_with_a_computed_condition_in_the_frozen_part_is_refused_cleanly(tmp_
 # --------------------------------------------------------------------------------------------
 
 
+def _ctrl_c_as_in_a_terminal() -> None:
+    """SIGINT at its default in the child: a shell starts background jobs (`cmd &`, nohup) with SIGINT
+    ignored, which the child inherits and rightly keeps, so a CI runner launched that way would
+    otherwise test nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _interrupt_when(process: subprocess.Popen, ready: Callable[[], bool], delay: float = 0.0) -> None:
     """Send one SIGINT (what Ctrl-C sends) `delay` seconds after `ready()` first holds."""
     deadline = time.monotonic() + 120
@@ -669,7 +676,9 @@ def test_ctrl_c_during_compile_leaves_nothing(env: dict, tmp_path: Path) -> None
     # Interrupted once the staging folder exists, i.e. mid-way through writing artifacts.
     out = tmp_path / "out"
     command = [sys.executable, "-m", "gfcompile", env["model"], "--train-layers", "2", "--batch-size", "2", "-o", out]
-    process = subprocess.Popen(list(map(str, command)), cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        list(map(str, command)), cwd=ROOT, stderr=subprocess.PIPE, text=True, preexec_fn=_ctrl_c_as_in_a_terminal
+    )
     _interrupt_when(process, lambda: any(".staging-" in p.name for p in tmp_path.iterdir()))
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr
@@ -684,7 +693,9 @@ def test_ctrl_c_during_training_keeps_the_last_checkpoint(env: dict, tmp_path: P
         sys.executable, "-m", "runtime", env["artifacts"], "--data", env["data"], "--steps", "100000",
         "--checkpoint", checkpoint, "--checkpoint-every", "1", "--log-every", "1",
     ]  # fmt: skip
-    process = subprocess.Popen(list(map(str, command)), cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        list(map(str, command)), cwd=ROOT, stderr=subprocess.PIPE, text=True, preexec_fn=_ctrl_c_as_in_a_terminal
+    )
     # A few steps after the first checkpoint, so the signal can land while one is being written.
     _interrupt_when(process, checkpoint.exists, delay=0.3)
     _, stderr = process.communicate(timeout=120)
