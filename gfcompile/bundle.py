@@ -127,20 +127,14 @@ def check_preprocess(spec: dict, manifest: dict) -> dict:
 
 
 def _fill(folder: Path, artifacts: Path, manifest: dict, ort_format: bool, sign_key: Path | None) -> None:
-    models = _copy_models(artifacts, folder, manifest, ort_format)
+    bundle_manifest = _bundled_manifest(artifacts, folder, manifest, ort_format)
     split = manifest.get("feature_cache")
     if split:
         shutil.copy2(artifacts / split["prefix_model"], folder / split["prefix_model"])
         _fill_tail(artifacts / split["tail"], folder / split["tail"], ort_format)
-    bundle_manifest = {key: value for key, value in manifest.items() if key != "files"}
-    bundle_manifest["bundle"] = {
-        "format": "ort" if ort_format else "onnx",
-        "models": models,
-        "initial_checkpoint": INITIAL_CHECKPOINT,
-        "made_by": f"gfcompile {__version__}",
-        "artifacts_manifest_sha256": _sha256(artifacts / MANIFEST),
-        "requires": RUNTIME_REQUIREMENTS,
-    }
+    bundle_manifest["bundle"].update(
+        artifacts_manifest_sha256=_sha256(artifacts / MANIFEST), requires=RUNTIME_REQUIREMENTS
+    )
     (folder / "README.md").write_text(_readme(bundle_manifest))
     bundle_manifest["files"] = file_hashes(folder)
     (folder / MANIFEST).write_text(json.dumps(bundle_manifest, indent=2) + "\n")
@@ -154,6 +148,19 @@ def _fill(folder: Path, artifacts: Path, manifest: dict, ort_format: bool, sign_
         except RunError as exc:
             raise GfError(str(exc)) from None
     folder.chmod(0o755)
+
+
+def _bundled_manifest(source: Path, target: Path, manifest: dict, ort_format: bool) -> dict:
+    """Copies one artifacts folder's models; its manifest without the file hashes, plus the bundle
+    entry that says which model files a device loads."""
+    bundled = {key: value for key, value in manifest.items() if key != "files"}
+    bundled["bundle"] = {
+        "format": "ort" if ort_format else "onnx",
+        "models": _copy_models(source, target, manifest, ort_format),
+        "initial_checkpoint": INITIAL_CHECKPOINT,
+        "made_by": f"gfcompile {__version__}",
+    }
+    return bundled
 
 
 def _copy_models(source: Path, target: Path, manifest: dict, ort_format: bool) -> dict[str, str]:
@@ -185,14 +192,7 @@ def _fill_tail(source: Path, target: Path, ort_format: bool) -> None:
     except RunError as exc:
         raise GfError(f"the feature cache's tail: {exc}") from None
     target.mkdir()
-    models = _copy_models(source, target, manifest, ort_format)
-    tail_manifest = {key: value for key, value in manifest.items() if key != "files"}
-    tail_manifest["bundle"] = {
-        "format": "ort" if ort_format else "onnx",
-        "models": models,
-        "initial_checkpoint": INITIAL_CHECKPOINT,
-        "made_by": f"gfcompile {__version__}",
-    }
+    tail_manifest = _bundled_manifest(source, target, manifest, ort_format)
     tail_manifest["files"] = file_hashes(target)
     (target / MANIFEST).write_text(json.dumps(tail_manifest, indent=2) + "\n")
     try:
