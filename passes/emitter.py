@@ -78,7 +78,7 @@ class Emitter:
         return into
 
     def reshape(self, local: str, src: gs.Tensor, shape: Sequence[int], into: gs.Variable | None = None) -> gs.Variable:
-        return self.op("Reshape", local, [src, self.ints(shape, f"{local}_shape")], shape, into=into)
+        return self.op("Reshape", local, [src, self.ints(shape, f"{local}_shape")], _reshaped(src, shape), into=into)
 
     def reduce_sum(self, local: str, src: gs.Tensor, axes: Sequence[int], shape: Sequence[int]) -> gs.Variable:
         return self.op("ReduceSum", local, [src, self.ints(axes, f"{local}_axes")], shape, attrs={"keepdims": 0})
@@ -111,3 +111,14 @@ def redirect(produced: gs.Variable, target: gs.Variable) -> None:
         raise RuntimeError(f"cannot redirect {produced.name!r} into {target.name!r}")
     node = produced.inputs[0]
     node.outputs = [target if t is produced else t for t in node.outputs]
+
+
+def _reshaped(src: gs.Tensor, shape: Sequence[int]) -> list[int] | None:
+    """Reshape's output shape as ONNX's strict shape inference states it: a -1 is the size it stands
+    for (from src's static shape), or the shape is left undeclared; a declared -1 fails the checker."""
+    if -1 not in shape:
+        return list(shape)
+    if src.shape is None or not all(isinstance(d, int) and d >= 0 for d in src.shape):
+        return None
+    known = int(np.prod([d for d in shape if d != -1], dtype=np.int64))
+    return [int(np.prod(src.shape, dtype=np.int64)) // known if d == -1 else int(d) for d in shape]
