@@ -55,9 +55,9 @@ SIZE = 224
 ONNX_PATH = ROOT / "zoo" / "mobilenetv2_digits_224.onnx"
 
 
-def digits_224_task() -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """The 64² task's split (same images, same labels) rendered at 224²: pretrain/finetune x train/test."""
-    x, y = load_digits_images(size=SIZE)
+def digits_224_task(size: int = SIZE) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The 64² task's split (same images, same labels) rendered at `size`²: pretrain/finetune x train/test."""
+    x, y = load_digits_images(size=size)
     x_tr, y_tr, x_te, y_te = stratified_split(x, y, test_fraction=0.25, seed=SEED)
     return {
         "pretrain_train": _subset(x_tr, y_tr, PRETRAIN_CLASSES),
