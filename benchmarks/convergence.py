@@ -579,16 +579,11 @@ def _db(signal: float, noise: float) -> float | None:
 def _patch_energy_snr(source: Path, inputs: list, weights: list[str], patch: dict[str, int | None]) -> dict[str, float]:
     """|P g_y|² / |g_y - P g_y|² in dB for each filtered conv, with exact g_y from torch autograd (BN in eval)."""
     import numpy as np
-    import onnx
     import torch
-    from onnx import numpy_helper
 
-    from models.mobilenetv2 import mobilenet_v2
+    from models.pretrain_digits_224 import load_digits_model
 
-    model = mobilenet_v2(num_classes=10, width_mult=0.5, in_channels=1)
-    state = {t.name: torch.from_numpy(numpy_helper.to_array(t).copy()) for t in onnx.load(source).graph.initializer}
-    model.load_state_dict(state, strict=False)  # only BN's num_batches_tracked is not in the graph
-    model.eval()
+    model = load_digits_model(source).eval()
     modules = {
         name + ".weight": module for name, module in model.named_modules() if isinstance(module, torch.nn.Conv2d)
     }

@@ -67,23 +67,22 @@ def digits_224_task(size: int = SIZE) -> dict[str, tuple[np.ndarray, np.ndarray]
     }
 
 
-def load_64_model() -> nn.Module:
-    """The bundled 64² model as a torch module (its initializers are the state_dict, by export's contract)."""
+def load_digits_model(source: Path = SOURCE_64) -> nn.Module:
+    """A zoo digits model (the bundled 64² one by default) as a torch module (its initializers are the
+    state_dict, by export's contract)."""
     model = digits_mobilenet()
-    weights = {
-        t.name: torch.from_numpy(numpy_helper.to_array(t).copy()) for t in onnx.load(SOURCE_64).graph.initializer
-    }
+    weights = {t.name: torch.from_numpy(numpy_helper.to_array(t).copy()) for t in onnx.load(source).graph.initializer}
     missing, unexpected = model.load_state_dict(weights, strict=False)
     # Only BN's num_batches_tracked is not in the graph.
     if unexpected or any(not name.endswith("num_batches_tracked") for name in missing):
-        raise RuntimeError(f"{SOURCE_64}: state_dict mismatch, missing {missing}, unexpected {unexpected}")
+        raise RuntimeError(f"{source}: state_dict mismatch, missing {missing}, unexpected {unexpected}")
     return model
 
 
 def adapt(x_train: np.ndarray, y_train: np.ndarray, epochs: int, batch_size: int = 16, lr: float = 5e-4) -> nn.Module:
     """The 64² weights trained on for a few epochs at 224²."""
     return fit(
-        load_64_model,
+        load_digits_model,
         x_train,
         y_train,
         epochs=epochs,
@@ -104,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     task = digits_224_task()
     x_tr, y_tr = task["pretrain_train"]
     x_te, y_te = task["pretrain_test"]
-    before = accuracy(load_64_model(), torch.from_numpy(preprocess(x_te)), torch.from_numpy(y_te))
+    before = accuracy(load_digits_model(), torch.from_numpy(preprocess(x_te)), torch.from_numpy(y_te))
     print(f"64² weights on 224² digits 0-4: test accuracy {before:.4f}")
     model = adapt(x_tr, y_tr, epochs=args.epochs)
     accuracies = pretrain_accuracies(model, (x_tr, y_tr), (x_te, y_te), "digits 0-4 at 224²")

@@ -31,9 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import onnx
 import torch
-from onnx import numpy_helper
 from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.convergence import TARGET_MARGIN, paired_interval, plateau, reach_and_hold  # noqa: E402
 from models.digits import preprocess  # noqa: E402
-from models.mobilenetv2 import mobilenet_v2  # noqa: E402
+from models.pretrain_digits_224 import digits_224_task, load_digits_model  # noqa: E402
 from runtime.data import Dataset, batches  # noqa: E402
 from tests.reference.gradient_filter_torch import replace_convs  # noqa: E402
 
@@ -70,11 +68,7 @@ class ScreenSettings:
 
 def load_model(size: int) -> nn.Module:
     """The digits MobileNetV2 with the zoo model's weights; sizes other than 64 use the 224² weights."""
-    model = mobilenet_v2(num_classes=10, width_mult=0.5, in_channels=1)
-    source = MODELS.get(size, MODELS[224])
-    state = {t.name: torch.from_numpy(numpy_helper.to_array(t).copy()) for t in onnx.load(source).graph.initializer}
-    model.load_state_dict(state, strict=False)  # only BN's num_batches_tracked is not in the graph
-    return model.eval()
+    return load_digits_model(MODELS.get(size, MODELS[224])).eval()
 
 
 def sensor_shift(x: np.ndarray, seed: int) -> np.ndarray:
@@ -95,8 +89,6 @@ def task_data(size: int, task: str) -> tuple[np.ndarray, np.ndarray, np.ndarray,
     if size == 64 and task == "finetune":
         train, test = (np.load(ROOT / "models" / "data" / f"digits_5to9_{part}.npz") for part in ("train", "test"))
         return train["x"], train["y"], test["x"], test["y"]
-    from models.pretrain_digits_224 import digits_224_task
-
     split = digits_224_task(size)
     if task == "finetune":
         return (*split["finetune_train"], *split["finetune_test"])
